@@ -1,0 +1,43 @@
+"""The `recursa` command line: `recursa <command> --help` documents each command.
+
+Each subcommand lives in its own module here with `register(subparsers)`; user errors
+(`RecursaError`, bad flags, missing files) print one line and exit non-zero, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from recursa.errors import RecursaError
+
+COMMANDS = ["data", "train", "convert", "generate", "eval", "models"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recursa", description="Adaptive-depth language models and their engine.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name in COMMANDS:
+        importlib.import_module(f"recursa.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except RecursaError as e:
+        print(f"recursa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"recursa {args.command}: error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"recursa {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from recursa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""Model configuration: one dataclass for every recursa model family, saved as JSON beside the weights.
+
+Presets give named shapes (`tiny` for tests, `small` for the CPU demo, and the SmolLM /
+Mixture-of-Recursions shapes `135m` … `1.7b`). Later families (recursive sharing, exits,
+routers) add fields here; unknown keys and impossible shapes are rejected with the field named.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, asdict, fields
+from pathlib import Path
+
+from recursa.errors import RecursaError
+
+CONFIG_FILE = "config.json"
+
+
+class ConfigError(RecursaError, ValueError):
+    """A configuration that cannot describe a model; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    dim: int = 384
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    ffn_dim: int = 1024
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim = dim/n_heads = {self.head_dim} must be even for RoPE")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name}={value} is outside the vocabulary (vocab_size={self.vocab_size})")
+
+    # ---- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as e:  # wrong types that reach comparisons
+            raise ConfigError(str(e)) from None
+
+    def replace(self, **changes) -> "ModelConfig":
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ModelConfig":
+        path = Path(directory)
+        if path.is_dir():
+            path = path / CONFIG_FILE
+        if not path.is_file():
+            raise ConfigError(f"no model config at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def num_params(self) -> int:
+        """Parameter count implied by the shape (embeddings counted once when tied)."""
+        hd = self.head_dim
+        attn = self.dim * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = 3 * self.dim * self.ffn_dim
+        per_layer = attn + mlp + 2 * self.dim
+        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + emb + self.dim
+
+
+PRESETS: dict[str, dict] = {
+    # ~1M parameters: unit tests.
+    "tiny": dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=320, max_seq_len=256),
+    # ~13M parameters with the 8k corpus tokenizer: the CPU demo.
+    "small": dict(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=512),
+    # SmolLM / Mixture-of-Recursions shapes (vocab 49152, context 2048).
+    "135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, max_seq_len=2048),
+    "360m": dict(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560, max_seq_len=2048),
+    "730m": dict(vocab_size=49152, dim=1536, n_layers=26, n_heads=24, n_kv_heads=8, ffn_dim=4096, max_seq_len=2048),
+    "1.7b": dict(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_dim=8192, max_seq_len=2048),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named shape, with optional field overrides (e.g. vocab_size from a tokenizer)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})

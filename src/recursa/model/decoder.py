@@ -1,0 +1,146 @@
+"""The recursa decoder: a Llama-style language model you can read top to bottom.
+
+Two ways in:
+- `model(input_ids) -> logits [B, T, V]`: the full-sequence forward used for training and as
+  the exactness reference for every cached or batched path.
+- the stage API for inference: `embed`, `rope`, `forward_stage(i, h, cos, sin, past_kv, mask)`
+  and `head`. A *stage* is one set of weights tokens pass through (DESIGN.md); `depth_to_layer`
+  maps each depth to the unique layer that runs it, so weight-shared (recursive) models reuse
+  the same stage API. The module holds no inference state: KV tensors go in and come out.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from recursa.config import ConfigError, ModelConfig
+from recursa.errors import RecursaError
+from recursa.model.layers import Block, RMSNorm, rope_cos_sin, rope_frequencies
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(RecursaError, ValueError):
+    """A model directory that cannot be loaded; the message says why."""
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_frequencies(cfg.head_dim, cfg.rope_theta), persistent=False)
+        # depth d runs unique layer depth_to_layer[d]; identity for the vanilla model.
+        self.depth_to_layer: list[int] = list(range(cfg.n_layers))
+        self.reset_parameters()
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.depth_to_layer)
+
+    def stage(self, depth: int) -> Block:
+        return self.layers[self.depth_to_layer[depth]]
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.depth)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # norm gains
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+        # inv_freq is a derived buffer; recompute it in case the module was built on `meta`.
+        self.inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta).to(self.embed_tokens.weight.device)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    # ---- stage API -------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype | None = None):
+        """cos, sin for positions [T] or [B, T]."""
+        return rope_cos_sin(self.inv_freq, positions, dtype or self.embed_tokens.weight.dtype)
+
+    def forward_stage(self, depth, h, cos, sin, past_kv=None, mask=None):
+        """Run the stage at `depth` on h [B,T,D]; returns (h, (k, v) of the new tokens)."""
+        return self.stage(depth)(h, cos, sin, past_kv=past_kv, mask=mask)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: hidden states -> logits."""
+        h = self.norm(h)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)
+
+    # ---- full-sequence forward ---------------------------------------------------------------
+    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Hidden states after the embedding and after every depth: depth + 1 tensors [B,T,D]."""
+        T = input_ids.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
+        h = self.embed(input_ids)
+        cos, sin = self.rope(positions, h.dtype)
+        hidden = [h]
+        for d in range(self.depth):
+            h, _ = self.forward_stage(d, h, cos, sin)
+            hidden.append(h)
+        return hidden
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.forward_hidden(input_ids, positions)[-1])
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write model.safetensors + config.json into `directory` (each file atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "recursa"})
+        os.replace(tmp, directory / WEIGHTS_FILE)
+        self.cfg.save(directory)
+        return directory
+
+
+def load(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Decoder:
+    """Load a model saved by `Decoder.save` (or written by `recursa models fetch` / training)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {directory} does not exist")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
+    try:
+        cfg = ModelConfig.load(directory)
+    except ConfigError as e:
+        raise CheckpointError(f"bad config in {directory}: {e}") from None
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{weights} does not match its config: {' '.join(first[:3])}") from None
+    model.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta).to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

@@ -1,0 +1,130 @@
+"""Llama-style building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Every module is stateless: keys/values come in and go out as plain tensors, so the same block
+serves the training forward (no cache), a single-request decoder, and the batching engine.
+Shapes: x [B, T, D]; q [B, H, T, hd]; k, v [B, Hkv, T, hd]; cos, sin [B or 1, T, hd].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recursa.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin for integer positions [T] or [B, T] -> [1 or B, T, head_dim] (computed in fp32)."""
+    if positions.dim() == 1:
+        positions = positions[None]
+    freqs = positions.float()[..., None] * inv_freq.float()[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd]; cos/sin [B or 1, T, hd]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """Boolean [q_len, kv_len] mask (True = attend) for the last q_len of kv_len positions."""
+    offset = kv_len - q_len
+    q = torch.arange(q_len, device=device)[:, None] + offset
+    k = torch.arange(kv_len, device=device)[None, :]
+    return k <= q
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Project and rotate: q [B,H,T,hd], k/v [B,Hkv,T,hd] for the new tokens."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """attn [B,H,T,hd] -> [B,T,D]."""
+        B, _, T, _ = attn.shape
+        return self.o_proj(attn.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def forward(self, x, cos, sin, past_kv=None, mask=None):
+        """Attend the new tokens to past_kv + themselves.
+
+        mask: optional bool [B or 1, 1, T, S+T] (True = attend); default is causal.
+        Returns (output [B,T,D], (k, v)) where k, v hold only the new tokens.
+        """
+        q, k, v = self.qkv(x, cos, sin)
+        keys, values = k, v
+        if past_kv is not None:
+            keys = torch.cat((past_kv[0], k), dim=2)
+            values = torch.cat((past_kv[1], v), dim=2)
+        T, S = q.shape[2], keys.shape[2]
+        if mask is None and T > 1:
+            mask = None if S == T else causal_mask(T, S, x.device)
+            is_causal = S == T
+        else:
+            is_causal = False
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.output(out), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer; the weights of one engine *stage*."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, past_kv=None, mask=None):
+        a, kv = self.attn(self.attn_norm(x), cos, sin, past_kv=past_kv, mask=mask)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), kv
