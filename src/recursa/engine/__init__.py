@@ -1,0 +1,1 @@
+"""Inference: sampling and decoding. The engine owns all inference state; models stay stateless."""
