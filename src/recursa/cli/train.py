@@ -1,0 +1,66 @@
+"""`recursa train`: train or uptrain a model on a prepared (packed) corpus.
+
+    recursa train --data data/corpus --out runs/demo --preset small --max-minutes 4
+    recursa train --data data/corpus --out runs/demo --resume --max-minutes 4     # continue
+    recursa train --data data/corpus --out runs/up --init runs/demo/model --max-steps 200
+    torchrun --standalone --nproc-per-node 2 -m recursa.cli train ... --parallel fsdp
+
+Writes <out>/metrics.jsonl, <out>/checkpoint/, <out>/model/ and <out>/summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+
+from recursa.train.config import DTYPES, PARALLEL, SCHEDULES, TrainConfig
+
+
+def register(subparsers) -> None:
+    d = TrainConfig.__dataclass_fields__
+    p = subparsers.add_parser("train", help="train a model on a packed corpus", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="directory from `recursa data prepare` (train.bin, val.bin)")
+    p.add_argument("--out", required=True, help="run directory for metrics, checkpoints and the final model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="model shape to train from scratch (default: tiny)")
+    src.add_argument("--init", metavar="MODEL_DIR", help="start from saved weights (uptraining)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train for")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget; the lr schedule follows it")
+    g = p.add_argument_group("optimization")
+    for flag, typ in (("seq_len", int), ("batch_size", int), ("grad_accum", int), ("lr", float),
+                      ("min_lr_ratio", float), ("weight_decay", float), ("beta1", float), ("beta2", float),
+                      ("grad_clip", float), ("warmup_steps", int), ("decay_frac", float), ("seed", int)):
+        g.add_argument("--" + flag.replace("_", "-"), type=typ, default=d[flag].default,
+                       help=f"(default: {d[flag].default})")
+    g.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="cosine or warmup-stable-decay")
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    r = p.add_argument_group("evaluation, checkpoints, hardware")
+    for flag in ("eval_every", "eval_batches", "save_every", "log_every"):
+        r.add_argument("--" + flag.replace("_", "-"), type=int, default=d[flag].default,
+                       help=f"(default: {d[flag].default})")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    r.add_argument("--parallel", choices=PARALLEL, default="auto", help="under torchrun: ddp or fsdp")
+    r.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's choice); 1 helps on a busy shared CPU")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    t = p.add_argument_group("distillation")
+    t.add_argument("--distill-from", metavar="MODEL_DIR", help="teacher model (frozen, same vocabulary)")
+    t.add_argument("--distill-weight", type=float, default=0.0, help="weight of KL(teacher || student)")
+    t.add_argument("--distill-temperature", type=float, default=1.0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from recursa.errors import RecursaError
+    from recursa.train.loop import train
+
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise RecursaError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if fields.get("preset") is None and fields.get("init") is None:
+        fields["preset"] = "tiny"
+    train(TrainConfig(**fields))
+    return 0

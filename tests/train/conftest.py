@@ -1,0 +1,37 @@
+"""Fixtures for training tests: a tiny learnable packed corpus and a micro model directory."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from recursa.data.packed import write_tokens
+from recursa.model import Decoder
+from train_helpers import VOCAB, markov_docs, micro_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The 2 test cores are shared: one intra-op thread avoids OpenMP oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("packed")
+    write_tokens(d, "train", markov_docs(60, 100, seed=1), VOCAB)
+    write_tokens(d, "val", markov_docs(12, 100, seed=2), VOCAB)
+    (d / "tokenizer.json").write_text(json.dumps({"stand_in": True}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("micro")
+    torch.manual_seed(0)
+    Decoder(micro_config()).save(d)
+    return d
