@@ -1,5 +1,7 @@
 """recursa: adaptive-depth language models and an engine that batches them depth-wise."""
 from recursa.config import ModelConfig, preset
+from recursa.engine.llm import LLM
+from recursa.engine.sampling_params import SamplingParams
 from recursa.errors import RecursaError
 from recursa.model import Decoder, load
 
@@ -11,5 +13,5 @@ def from_hf(path, **kwargs):
     return _from_hf(path, **kwargs)
 
 
-__all__ = ["ModelConfig", "preset", "Decoder", "load", "from_hf", "RecursaError"]
+__all__ = ["ModelConfig", "preset", "Decoder", "load", "from_hf", "RecursaError", "LLM", "SamplingParams"]
 __version__ = "0.1.0"

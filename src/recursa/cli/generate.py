@@ -1,4 +1,8 @@
-"""`recursa generate MODEL_DIR --prompt TEXT`: stream a continuation from a saved model."""
+"""`recursa generate MODEL_DIR --prompt TEXT [--prompt TEXT ...]`: continue prompts with the engine.
+
+Several prompts run concurrently through `recursa.LLM` (continuous depth-wise batching); a
+single prompt streams its text as it is generated.
+"""
 from __future__ import annotations
 
 import argparse
@@ -42,32 +46,44 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from recursa.data.tokenizer import load_tokenizer
-    from recursa.engine.generate import stream
-    from recursa.model import load
+    from recursa.engine.llm import LLM
+    from recursa.engine.sampling_params import SamplingParams
 
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise RecursaError(f"--top-p must be in (0, 1], got {args.top_p}")
-    model = load(args.model)
-    tok = load_tokenizer(args.model)
-    for prompt in args.prompt:
-        text = prompt
-        if args.chat:
-            # ChatML, the format of SmolLM2-Instruct and most small instruct models
-            text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-        ids = tok.encode(text)
-        sys.stdout.write(prompt if not args.chat else f"> {prompt}\n")
+    llm = LLM(args.model)
+    if llm.tokenizer is None:
+        raise RecursaError(f"{args.model} has no tokenizer.json")
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0,
+                            seed=args.seed, max_tokens=args.max_tokens)
+    # ChatML, the format of SmolLM2-Instruct and most small instruct models
+    texts = [f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n" if args.chat else p for p in args.prompt]
+    headers = [f"> {p}\n" if args.chat else p for p in args.prompt]
+    start = time.perf_counter()
+    for i, text in enumerate(texts):
+        llm.add_request(str(i), text, params)
+    single = len(texts) == 1
+    if single:  # one prompt: stream its text as it comes
+        sys.stdout.write(headers[0])
         sys.stdout.flush()
-        start, out = time.perf_counter(), []
-        for token in stream(model, ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_ids=[tok.eos_id]):
-            if token == tok.eos_id:
-                break
-            prev = tok.decode(out)
-            out.append(token)
-            sys.stdout.write(tok.decode(out)[len(prev):])
-            sys.stdout.flush()
-        elapsed = time.perf_counter() - start
+    finished: dict[int, str] = {}
+    n_tokens = 0
+    while llm.has_unfinished():
+        for out in llm.step():
+            if single:
+                sys.stdout.write(out.delta_text)
+                sys.stdout.flush()
+            if out.finished:
+                finished[int(out.request_id)] = out.text
+                n_tokens += len(out.token_ids)
+    elapsed = time.perf_counter() - start
+    if single:
         sys.stdout.write("\n")
-        print(f"[{len(out)} tokens in {elapsed:.2f}s, {len(out) / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
+    else:  # several prompts ran concurrently: print each when all are done, in order
+        for i, header in enumerate(headers):
+            sys.stdout.write(f"{header}{finished[i]}\n\n")
+    stats = llm.stats()
+    print(f"[{len(texts)} request{'s' if len(texts) > 1 else ''}, {n_tokens} tokens in {elapsed:.2f}s, "
+          f"{n_tokens / max(elapsed, 1e-9):.1f} tok/s, {stats['tokens_per_stage_run']:.1f} tokens per stage run]",
+          file=sys.stderr)
     return 0

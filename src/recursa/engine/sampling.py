@@ -30,3 +30,18 @@ def sample(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, params: list, generators: list) -> list[int]:
+    """One token per row, each row with its own settings (objects with temperature/top_k/top_p).
+
+    Greedy rows share one argmax. A sampling row draws with its own generator, so a seeded
+    request gets the same tokens whatever it is batched with (and the same as `generate`).
+    """
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if p.temperature > 0:
+            top_k = p.top_k if p.top_k > 0 else None
+            row = logits[i:i + 1] if g is None else logits[i:i + 1].to(g.device)
+            tokens[i] = int(sample(row, p.temperature, top_k, p.top_p, g)[0])
+    return tokens

@@ -1,0 +1,34 @@
+"""Engine settings: one dataclass whose field names are vLLM's engine arguments where they exist.
+
+`policy` picks which stage runs next (engine/policy.py): "depthwise" (continuous depth-wise
+batching: run the fullest stage, admit new tokens every step) or "synchronous" (a batch steps
+through all depths together; new tokens wait until it has exited).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recursa.errors import RecursaError
+
+POLICIES = ("depthwise", "synchronous")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_num_seqs: int = 256               # requests holding KV at once
+    max_num_batched_tokens: int = 1024    # tokens per stage run (prefill chunks + decode tokens)
+    max_model_len: int | None = None      # default: the model's max_seq_len
+    block_size: int = 16                  # tokens per KV block
+    kv_cache_memory: int | None = None    # bytes for all KV blocks; default min(needed, 512 MiB)
+    policy: str = "depthwise"
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise RecursaError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise RecursaError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise RecursaError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if self.policy not in POLICIES:
+            raise RecursaError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")

@@ -1,0 +1,64 @@
+"""`recursa.LLM`: the offline front end of the engine, with vLLM's names.
+
+    from recursa import LLM, SamplingParams
+    llm = LLM("models/smollm2-135m")                       # a model directory, or a Decoder
+    for out in llm.generate(["Once upon a time", "The sea"], SamplingParams(temperature=0, max_tokens=32)):
+        print(out.text, out.finish_reason)
+
+Keyword arguments are EngineConfig's (max_num_seqs, max_num_batched_tokens, max_model_len,
+block_size, kv_cache_memory, policy). The streaming interface (add_request, abort_request,
+step, has_unfinished) is LLMEngine's, for servers.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from recursa.engine.config import EngineConfig
+from recursa.engine.llm_engine import LLMEngine
+from recursa.engine.outputs import RequestOutput
+from recursa.engine.sampling_params import SamplingParams
+from recursa.errors import RecursaError
+from recursa.model.decoder import Decoder, load
+
+
+class LLM(LLMEngine):
+    def __init__(self, model: Decoder | str | os.PathLike, tokenizer=None, **engine_args):
+        if isinstance(model, (str, os.PathLike)):
+            directory = Path(model)
+            model = load(directory)
+            if tokenizer is None and (directory / "tokenizer.json").is_file():
+                from recursa.data.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(directory)
+        elif not isinstance(model, Decoder):
+            raise RecursaError(f"LLM takes a model directory or a recursa Decoder, not {type(model).__name__}")
+        super().__init__(model, tokenizer, EngineConfig(**engine_args))
+        self._ids = itertools.count()
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts (a string, a token-id list, or a list of either) to completion, all at once.
+
+        Returns one finished RequestOutput per prompt, in prompt order.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RecursaError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = [f"generate-{next(self._ids)}" for _ in prompts]
+        for request_id, prompt, p in zip(ids, prompts, params):
+            try:
+                self.add_request(request_id, prompt, p)
+            except RecursaError:
+                for added in ids:
+                    self.abort_request(added)
+                raise
+        results: dict[str, RequestOutput] = {}
+        while self.has_unfinished() and len(results) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out
+        return [results[i] for i in ids]

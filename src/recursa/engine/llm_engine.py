@@ -1,0 +1,170 @@
+"""LLMEngine: requests in, one stage run per `step()`, streamed outputs out.
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_batched_tokens=256))
+    engine.add_request("a", "Once upon a time", SamplingParams(temperature=0, max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.delta_text, out.finish_reason)
+
+A step: the scheduler lets new chunks into depth 0 (scheduler.py), the policy picks a stage
+group (policy.py), the runner runs that stage on all of its tokens (model_runner.py), and
+chunks that leave the last depth are sampled: final norm + LM head, one token per request,
+stop checks, detokenization. Those requests' outputs are what `step()` returns.
+"""
+from __future__ import annotations
+
+from recursa.engine.config import EngineConfig
+from recursa.engine.kv_cache import KVCacheManager
+from recursa.engine.model_runner import ModelRunner
+from recursa.engine.outputs import RequestOutput
+from recursa.engine.policy import make_policy
+from recursa.engine.sampling import sample_rows
+from recursa.engine.sampling_params import SamplingParams
+from recursa.engine.scheduler import Scheduler
+from recursa.engine.sequence import Sequence
+from recursa.errors import RecursaError
+from recursa.model.decoder import Decoder
+
+DEFAULT_KV_MEMORY = 512 * 2**20
+
+
+class LLMEngine:
+    def __init__(self, model: Decoder, tokenizer=None, config: EngineConfig | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = config = config or EngineConfig()
+        cfg = model.cfg
+        self.max_model_len = config.max_model_len or cfg.max_seq_len
+        if self.max_model_len > cfg.max_seq_len:
+            raise RecursaError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        weight = model.embed_tokens.weight
+        per_token = 2 * cfg.n_kv_heads * cfg.head_dim * weight.element_size() * model.depth
+        memory = config.kv_cache_memory or min(DEFAULT_KV_MEMORY, config.max_num_seqs * self.max_model_len * per_token)
+        self.kv = KVCacheManager(model.depth, cfg.n_kv_heads, cfg.head_dim, block_size=config.block_size,
+                                 memory_bytes=memory, dtype=weight.dtype, device=weight.device)
+        # tokens at depths that run the same unique layer batch together; per-depth adapters
+        # (relaxed recursion) make a depth its own group
+        adapters = getattr(model, "adapters", None)
+        keys = [d_layer if adapters is None or adapters(d) is None else -1 - d
+                for d, d_layer in enumerate(model.depth_to_layer)]
+        self.scheduler = Scheduler(config, self.kv, make_policy(config.policy), keys)
+        self.runner = ModelRunner(model, self.kv)
+        self.seqs: dict[str, Sequence] = {}
+
+    # ---- requests ------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RecursaError("a text prompt needs a tokenizer; pass token ids or load a model directory with tokenizer.json")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            try:
+                ids, text = [int(t) for t in prompt], None
+            except (TypeError, ValueError):
+                raise RecursaError("a prompt is a string or a list of token ids") from None
+        if not ids:
+            raise RecursaError("the prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RecursaError(f"prompt holds token ids outside the vocabulary (0..{vocab - 1})")
+        if len(ids) >= self.max_model_len:
+            raise RecursaError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len {self.max_model_len}")
+        return ids, text
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        """Queue a request (prompt: text or token ids); its tokens enter at the next steps."""
+        params = params or SamplingParams()
+        if request_id in self.seqs:
+            raise RecursaError(f"request id {request_id!r} is already running")
+        if params.stop and self.tokenizer is None:
+            raise RecursaError("stop strings need a tokenizer")
+        ids, text = self._prompt_ids(prompt)
+        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        if self.kv.blocks_for(longest) > self.kv.num_blocks:
+            raise RecursaError(f"a request of up to {longest} tokens needs {self.kv.blocks_for(longest)} KV blocks; "
+                               f"the cache has {self.kv.num_blocks} (raise kv_cache_memory)")
+        seq = Sequence(request_id, ids, params, text)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request and free its memory; False if it is not running (unknown or finished)."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one stage on its waiting tokens; outputs of the requests that got a token."""
+        self.scheduler.admit()
+        group = self.scheduler.next_group()
+        if not group:
+            if self.has_unfinished():
+                raise RuntimeError("engine made no progress with unfinished requests (scheduler bug)")
+            return []
+        self.runner.run_stage(group)
+        exited = [s for s in group if s.depth == self.model.depth]
+        for s in exited:
+            s.num_cached = s.chunk_end
+        ready = [s for s in exited if s.num_cached == s.num_tokens]
+        tokens = []
+        if ready:
+            logits = self.runner.run_head(ready)
+            tokens = sample_rows(logits, [s.params for s in ready], [s.generator for s in ready])
+        for s in exited:
+            s.end_chunk()
+        outputs = []
+        for s, token in zip(ready, tokens):
+            self._append(s, token)
+            outputs.append(self._output(s))
+            if s.finish_reason is not None:
+                self.scheduler.remove(s)
+                del self.seqs[s.request_id]
+        return outputs
+
+    def _append(self, s: Sequence, token: int) -> None:
+        s.token_ids.append(token)
+        p = s.params
+        reason, text_ids = None, s.output_token_ids
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            reason, text_ids = "stop", text_ids[:-1]
+        elif len(text_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len:
+            reason = "length"
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(text_ids)
+            hits = [i for i in (text.find(stop) for stop in p.stop) if i >= 0]
+            if hits and reason != "stop":
+                text, reason = text[:min(hits)], "stop"
+            s.text = text
+        s.finish_reason = reason
+
+    def _output(self, s: Sequence) -> RequestOutput:
+        finished = s.finish_reason is not None
+        end = len(s.text)
+        if not finished:  # hold back what a stop string or an unfinished UTF-8 character may still change
+            end -= max((len(x) for x in s.params.stop), default=1) - 1
+            while end > 0 and s.text[end - 1] == "\ufffd":
+                end -= 1
+        end = max(end, s.num_sent_chars)
+        out_ids = s.output_token_ids
+        out = RequestOutput(s.request_id, s.prompt, s.prompt_token_ids, out_ids, s.text, finished, s.finish_reason,
+                            out_ids[s.num_sent_tokens:], s.text[s.num_sent_chars:end])
+        s.num_sent_tokens, s.num_sent_chars = len(out_ids), end
+        return out
+
+    def stats(self) -> dict:
+        runs = self.runner.num_stage_runs
+        return {
+            "stage_runs": runs,
+            "stage_tokens": self.runner.num_stage_tokens,
+            "tokens_per_stage_run": self.runner.num_stage_tokens / runs if runs else 0.0,
+            "preemptions": self.scheduler.num_preemptions,
+            "kv_bytes_per_token": self.kv.kv_bytes_per_token,
+            "kv_blocks": self.kv.num_blocks,
+            "kv_free_blocks": self.kv.num_free_blocks,
+        }

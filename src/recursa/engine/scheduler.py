@@ -1,0 +1,104 @@
+"""The scheduler: waiting/running queues, admission under the token and KV budgets, preemption.
+
+Each engine step it (1) lets idle running requests and then waiting ones send their next chunk
+into depth 0 — decode tokens and prefill chunks alike, within `max_num_batched_tokens` — and
+(2) returns the stage group the policy picks, capped at the token budget.
+
+KV memory: a chunk's blocks are allocated at every depth when it enters. A waiting request is
+admitted only if its first chunk fits (admission control); a running request that cannot grow
+preempts the most recently admitted other request (its blocks are freed and it is recomputed
+from its prompt + output so far when readmitted), or is preempted itself if it is the latest.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from recursa.engine.config import EngineConfig
+from recursa.engine.kv_cache import KVCacheManager
+from recursa.engine.policy import StagePolicy
+from recursa.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, policy: StagePolicy, depth_to_layer: list[int]):
+        self.max_num_seqs, self.max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
+        self.kv, self.policy, self.depth_to_layer = kv, policy, depth_to_layer
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted request and free its memory."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.end_chunk()
+        self.kv.free(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.end_chunk()
+        seq.num_cached, seq.status = 0, SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ---- step part 1: new chunks into depth 0 -----------------------------------------------------
+    def admit(self) -> None:
+        if not self.policy.admit(self.running):
+            return
+        budget = self.max_num_batched_tokens - sum(s.chunk_len for s in self.running if s.depth == 0)
+        for seq in list(self.running):
+            if budget <= 0:
+                return
+            if seq.status is not SequenceStatus.RUNNING or seq.in_flight:
+                continue  # preempted earlier in this loop, or its chunk is still travelling
+            n = min(seq.num_tokens - seq.num_cached, budget)
+            need = self.kv.blocks_needed(seq, seq.num_cached + n)
+            while not self.kv.can_allocate(need) and self.running[-1] is not seq:
+                victim = self.running[-1]
+                if victim.depth == 0:
+                    budget += victim.chunk_len
+                self.preempt(victim)
+            if not self.kv.can_allocate(need):
+                self.preempt(seq)
+                continue
+            self.kv.allocate(seq, seq.num_cached + n)
+            seq.start_chunk(n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_cached, budget)
+            need = self.kv.blocks_needed(seq, n)
+            if not self.kv.can_allocate(need):
+                return
+            self.waiting.popleft()
+            self.kv.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            seq.start_chunk(n)
+            budget -= n
+
+    # ---- step part 2: the stage group to run ----------------------------------------------------------
+    def next_group(self) -> list[Sequence]:
+        groups: dict[int, list[Sequence]] = {}
+        for seq in self.running:
+            if seq.in_flight:
+                groups.setdefault(self.depth_to_layer[seq.depth], []).append(seq)
+        if not groups:
+            return []
+        chosen, budget = [], self.max_num_batched_tokens
+        for seq in groups[self.policy.pick(groups)]:
+            if chosen and seq.chunk_len > budget:
+                break
+            chosen.append(seq)
+            budget -= seq.chunk_len
+        return chosen
