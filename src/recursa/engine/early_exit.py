@@ -1,0 +1,280 @@
+"""Single-request early-exit decoding with three ways to give skipped layers their keys/values.
+
+A token runs layers bottom-up; at each exit depth (ExitSpec.depths) the exit's logits give a
+confidence (recursa.engine.confidence) compared with a threshold (recursa.engine.thresholds);
+if it is high enough the token is emitted from there. Later tokens attend to the exited token
+in the layers it skipped, so those layers need its K/V. The strategies:
+
+- "copy" (CALM, approximate): the exit hidden state is copied upward and every skipped layer
+  computes K/V from it (its attention norm + k/v projections), right away.
+- "parallel" (FREE, exact): the exited token's hidden state at its exit depth is kept on a
+  stack. The next token that goes deeper runs each deeper layer over [stacked tokens, itself]
+  in one forward with a causal mask, which writes the stacked tokens' K/V exactly. Their
+  emitted tokens stand. With several exits the stack keeps, per token, the depth its K/V
+  reaches; these depths never increase along the stack, so at every layer the filled K/V is a
+  prefix of the positions and the rows to run are one contiguous causal block.
+- "speculative" (LayerSkip, lossless, greedy only): exited tokens are drafts (at most
+  `max_draft` pending). A token that does not exit, or the end of generation, triggers the same
+  deep pass, which now also verifies: the deep prediction at each stacked position must equal
+  the draft emitted from it; the first mismatch is replaced by the deep token and everything
+  after it is rolled back (its K/V is simply overwritten later). The output equals full-depth
+  greedy decoding token for token.
+
+The prompt's last position always runs full depth (prefill fills every layer anyway), so the
+first new token is a full-depth prediction. FREE's estimator observes (confidence at the first
+exit, first-exit argmax == deep argmax) from every token that goes to full depth.
+
+    policy = ExitPolicy(ExitSpec((2,)), "max_prob", Fixed(0.8))
+    result = early_exit_generate(model, prompt_ids, 64, policy, strategy="parallel")
+    result.tokens, result.exit_depths, result.mean_depth, result.exit_shares
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from recursa.engine.confidence import Confidence, ExitClassifier, confidence
+from recursa.engine.sampling import sample
+from recursa.errors import RecursaError
+from recursa.model.decoder import Decoder
+from recursa.model.exits import ExitHeads, ExitSpec, exit_logits
+
+STRATEGIES = ("copy", "parallel", "speculative")
+
+
+@dataclass
+class ExitPolicy:
+    spec: ExitSpec
+    measure: str | ExitClassifier | Confidence = "max_prob"
+    threshold: object = None  # thresholds.Fixed / CALMDecay / BetaMixture: __call__(step), observe(c, agreed)
+    heads: ExitHeads | None = None
+
+    def __post_init__(self):
+        if self.threshold is None:
+            raise RecursaError("an exit policy needs a threshold")
+        if isinstance(self.measure, (str, ExitClassifier)):
+            self.measure = confidence(self.measure)
+
+
+@dataclass
+class EarlyExitResult:
+    tokens: list[int]
+    exit_depths: list[int]           # per emitted token: layers run for the prediction it was emitted from
+    n_layers: int
+    layer_tokens: int = 0            # token-layer forwards actually executed after prefill, catch-up included
+    drafted: int = 0                 # speculative: drafts produced / accepted
+    accepted: int = 0
+
+    @property
+    def mean_depth(self) -> float:
+        return sum(self.exit_depths) / len(self.exit_depths) if self.exit_depths else 0.0
+
+    @property
+    def exit_shares(self) -> dict[int, float]:
+        n = len(self.exit_depths)
+        return {d: self.exit_depths.count(d) / n for d in sorted(set(self.exit_depths))} if n else {}
+
+
+@dataclass
+class _Pending:
+    pos: int              # position of the token fed there
+    depth: int            # its K/V exists for layers < depth
+    h: torch.Tensor       # [D] hidden state after `depth` layers
+    pred: int             # the token emitted from it (its prediction at its exit)
+
+
+class EarlyExitDecoder:
+    """State of one request: per-depth KV, the stack of tokens whose deep K/V is missing, output."""
+
+    def __init__(self, model: Decoder, prompt_ids: Sequence[int], max_new_tokens: int, policy: ExitPolicy,
+                 strategy: str = "parallel", *, max_draft: int = 4, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_ids: Sequence[int] = ()):
+        cfg = model.cfg
+        if strategy not in STRATEGIES:
+            raise RecursaError(f"unknown KV strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if strategy == "speculative" and temperature > 0:
+            raise RecursaError("self-speculative decoding is greedy only (temperature 0)")
+        if max_draft < 1:
+            raise RecursaError(f"max_draft must be >= 1, got {max_draft}")
+        if len(prompt_ids) == 0:
+            raise RecursaError("the prompt is empty")
+        if max_new_tokens <= 0:
+            raise RecursaError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if len(prompt_ids) + max_new_tokens > cfg.max_seq_len:
+            raise RecursaError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                               f"the model's max_seq_len {cfg.max_seq_len}")
+        if max(prompt_ids) >= cfg.vocab_size or min(prompt_ids) < 0:
+            raise RecursaError(f"prompt holds token ids outside the vocabulary (0..{cfg.vocab_size - 1})")
+        policy.spec.check(model.depth)
+        self.model, self.policy, self.strategy = model, policy, strategy
+        self.max_new, self.max_draft, self.stop = max_new_tokens, max_draft, set(stop_ids)
+        self.sampling = (temperature, top_k, top_p)
+        self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        shape = (1, cfg.n_kv_heads, len(prompt_ids) + max_new_tokens, cfg.head_dim)
+        self.cache = [(torch.empty(shape, device=self.device, dtype=self.dtype),
+                       torch.empty(shape, device=self.device, dtype=self.dtype)) for _ in range(model.depth)]
+        self.filled = [0] * model.depth     # positions with K/V at each depth (always a prefix)
+        self.pending: list[_Pending] = []  # tokens whose K/V stops below the top, position order
+        self.tokens: list[int] = []
+        self.depths: list[int] = []
+        self.prompt_len = len(prompt_ids)
+        self.stats = {"layer_tokens": 0, "drafted": 0, "accepted": 0}
+        self._prefill(list(prompt_ids))
+
+    # ---- helpers -------------------------------------------------------------------------------
+    @property
+    def n_fed(self) -> int:
+        """Positions fed so far: the prompt and every emitted token but the last."""
+        return self.prompt_len + len(self.tokens) - 1
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        return int(sample(logits.reshape(1, -1), *self.sampling, self.generator)[0])
+
+    def _write(self, d: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = start + k.shape[2]
+        self.cache[d][0][:, :, start:end] = k
+        self.cache[d][1][:, :, start:end] = v
+        self.filled[d] = end
+
+    def _past(self, d: int, upto: int):
+        return (self.cache[d][0][:, :, :upto], self.cache[d][1][:, :, :upto]) if upto else None
+
+    def _emit(self, token: int, depth: int) -> None:
+        self.tokens.append(token)
+        self.depths.append(depth)
+
+    @torch.inference_mode()
+    def _prefill(self, prompt: list[int]) -> None:
+        m = self.model
+        h = m.embed(torch.tensor([prompt], device=self.device))
+        cos, sin = m.rope(torch.arange(len(prompt), device=self.device), self.dtype)
+        for d in range(m.depth):
+            h, (k, v) = m.forward_stage(d, h, cos, sin)
+            self._write(d, 0, k, v)
+        self._emit(self._choose(m.head(h[0, -1])), m.depth)
+
+    def _may_exit(self) -> bool:
+        return self.strategy != "speculative" or len(self.pending) < self.max_draft
+
+    # ---- one pass ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, feed: bool = True) -> None:
+        """Feed the last emitted token (feed=True) or only bring the stack to full depth (feed=False)."""
+        m, policy = self.model, self.policy
+        p = self.n_fed
+        end = p + 1 if feed else p
+        if feed:
+            group = m.embed(torch.tensor([[self.tokens[-1]]], device=self.device))
+        else:
+            group = torch.empty(1, 0, m.cfg.dim, device=self.device, dtype=self.dtype)
+        start, j = p, len(self.pending)
+        exits, step_t = set(policy.spec.depths), len(self.tokens)
+        prev, first = None, None  # previous exit's hidden state; (confidence, argmax) at the first exit
+        for d in range(m.depth):
+            joining = []
+            while j > 0 and self.pending[j - 1].depth == d:
+                j -= 1
+                joining.insert(0, self.pending[j])
+            if joining:
+                group = torch.cat((torch.stack([r.h for r in joining])[None], group), dim=1)
+                start = joining[0].pos
+            if group.shape[1] == 0:
+                continue
+            assert self.filled[d] == start, (d, self.filled[d], start)
+            cos, sin = m.rope(torch.arange(start, end, device=self.device), self.dtype)
+            below = group[0, -1]
+            group, (k, v) = m.forward_stage(d, group, cos, sin, past_kv=self._past(d, start))
+            self._write(d, start, k, v)
+            self.stats["layer_tokens"] += group.shape[1]
+            if feed and d + 1 in exits:
+                h = group[0, -1]
+                logits = exit_logits(m, h, d + 1, policy.heads)
+                conf = policy.measure(logits, h, below if prev is None else prev)
+                prev = h
+                if first is None:
+                    first = (conf, int(logits.argmax()))
+                if conf >= policy.threshold(step_t) and self._may_exit():
+                    self._exit(d + 1, group, j, self._choose(logits), p)
+                    return
+        self._deep(group, j, feed, first)
+
+    def _exit(self, depth: int, group: torch.Tensor, j: int, token: int, p: int) -> None:
+        """The fed token exits at `depth`; `group` holds the joined stack rows pending[j:] and it."""
+        m = self.model
+        if self.strategy == "copy":
+            h = group[:, -1:]
+            cos, sin = m.rope(torch.tensor([p], device=self.device), self.dtype)
+            for d in range(depth, m.depth):
+                block = m.stage(d)
+                _, k, v = block.attn.qkv(block.attn_norm(h), cos, sin, m.adapters(d))
+                self._write(d, p, k, v)
+                self.stats["layer_tokens"] += 1
+        else:
+            for i, row in enumerate(self.pending[j:]):
+                row.depth, row.h = depth, group[0, i]
+            self.pending.append(_Pending(p, depth, group[0, -1], token))
+            if self.strategy == "speculative":
+                self.stats["drafted"] += 1
+        self._emit(token, depth)
+
+    def _deep(self, group: torch.Tensor, j: int, feed: bool, first) -> None:
+        """Everything in `group` reached full depth: emit the fed token's prediction, verify drafts."""
+        m = self.model
+        assert j == 0 and group.shape[1] == len(self.pending) + int(feed)
+        logits = m.head(group[0])
+        if feed and first is not None:
+            self.policy.threshold.observe(first[0], first[1] == int(logits[-1].argmax()))
+        rows, self.pending = self.pending, []
+        if self.strategy == "speculative":
+            for i, row in enumerate(rows):
+                deep = int(logits[i].argmax())
+                if deep != row.pred:  # roll back everything emitted from this row on
+                    keep = row.pos - self.prompt_len + 1
+                    del self.tokens[keep:], self.depths[keep:]
+                    self._emit(deep, m.depth)
+                    self.filled = [min(f, row.pos + 1) for f in self.filled]
+                    return
+                self.stats["accepted"] += 1
+        if feed:
+            self._emit(self._choose(logits[-1]), m.depth)
+
+    # ---- driver --------------------------------------------------------------------------------
+    def _unverified(self) -> int:
+        return len(self.pending) if self.strategy == "speculative" else 0
+
+    def _finished(self) -> bool:
+        final = self.tokens[:len(self.tokens) - self._unverified()]
+        return len(final) >= self.max_new or any(t in self.stop for t in final)
+
+    def complete_kv(self) -> None:
+        """Bring every stacked token's K/V to full depth (verifying drafts when speculative)."""
+        if self.pending:
+            self.step(feed=False)
+
+    def run(self) -> EarlyExitResult:
+        while not self._finished():
+            tentative = self.tokens[len(self.tokens) - self._unverified():]
+            if self._unverified() and (len(self.tokens) >= self.max_new or any(t in self.stop for t in tentative)):
+                self.step(feed=False)
+            else:
+                self.step(feed=True)
+        n = self.max_new
+        for i, t in enumerate(self.tokens[:n]):
+            if t in self.stop:
+                n = i + 1
+                break
+        return EarlyExitResult(self.tokens[:n], self.depths[:n], self.model.depth, self.stats["layer_tokens"],
+                               self.stats["drafted"], self.stats["accepted"])
+
+
+def early_exit_generate(model: Decoder, prompt_ids: Sequence[int], max_new_tokens: int, policy: ExitPolicy,
+                        strategy: str = "parallel", **kwargs) -> EarlyExitResult:
+    """Decode one request with early exits (keyword arguments: see EarlyExitDecoder)."""
+    return EarlyExitDecoder(model, prompt_ids, max_new_tokens, policy, strategy, **kwargs).run()
+
+
+__all__ = ["STRATEGIES", "ExitPolicy", "EarlyExitResult", "EarlyExitDecoder", "early_exit_generate"]
