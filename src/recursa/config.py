@@ -3,6 +3,14 @@
 Presets give named shapes (`tiny` for tests, `small` for the CPU demo, and the SmolLM /
 Mixture-of-Recursions shapes `135m` … `1.7b`). Later families (recursive sharing, exits,
 routers) add fields here; unknown keys and impossible shapes are rejected with the field named.
+
+Recursive sharing: `n_layers` is always the depth L, the number of layer applications a token
+passes through (as for the vanilla model). `sharing` says how depths map onto unique layers and
+`n_loops` how often the shared block runs: `cycle`/`sequence` tie all L depths onto
+K = L / n_loops layers; `middle_cycle`/`middle_sequence` keep the first and last layer unique
+and tie the middle L - 2 depths onto K = (L - 2) / n_loops layers (see `recursa.model.sharing`).
+`lora_rank_attn` / `lora_rank_mlp` > 0 make it a Relaxed Recursive Transformer: a LoRA per
+shared depth on q/k/v/o and gate/up/down, scaled by lora_alpha / rank (1 when lora_alpha is None).
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ from pathlib import Path
 from recursa.errors import RecursaError
 
 CONFIG_FILE = "config.json"
+SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
 
 
 class ConfigError(RecursaError, ValueError):
@@ -35,6 +44,11 @@ class ModelConfig:
     init_std: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    sharing: str = "none"            # none | cycle | sequence | middle_cycle | middle_sequence
+    n_loops: int = 1                 # passes through the shared block (1 for sharing="none")
+    lora_rank_attn: int = 0          # relaxed recursion: LoRA rank on q/k/v/o of shared depths
+    lora_rank_mlp: int = 0           # ... and on gate/up/down; 0 = strictly shared
+    lora_alpha: float | None = None  # LoRA scale = lora_alpha / rank; None: scale 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -42,6 +56,20 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def n_unique_layers(self) -> int:
+        """Blocks holding weights: L for vanilla, K (+ 2 for the middle variants) when shared."""
+        if self.sharing == "none":
+            return self.n_layers
+        return self.n_shared_layers + (2 if self.sharing.startswith("middle_") else 0)
+
+    @property
+    def n_shared_layers(self) -> int:
+        """K, the unique layers of the looped block (0 for vanilla)."""
+        if self.sharing == "none":
+            return 0
+        return (self.n_layers - (2 if self.sharing.startswith("middle_") else 0)) // self.n_loops
 
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -62,6 +90,30 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name}={value} is outside the vocabulary (vocab_size={self.vocab_size})")
+        self._validate_sharing()
+
+    def _validate_sharing(self) -> None:
+        if self.sharing not in SHARING:
+            raise ConfigError(f"unknown sharing {self.sharing!r}; choose from {', '.join(SHARING)}")
+        if not isinstance(self.n_loops, int) or isinstance(self.n_loops, bool) or self.n_loops <= 0:
+            raise ConfigError(f"n_loops must be a positive integer, got {self.n_loops!r}")
+        for name in ("lora_rank_attn", "lora_rank_mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool) or not self.lora_alpha > 0):
+            raise ConfigError(f"lora_alpha must be positive or null, got {self.lora_alpha!r}")
+        if self.sharing == "none":
+            if self.n_loops != 1:
+                raise ConfigError(f"n_loops={self.n_loops} needs a sharing strategy (sharing is 'none')")
+            if self.lora_rank_attn or self.lora_rank_mlp:
+                raise ConfigError("lora_rank_attn/lora_rank_mlp need a shared model (sharing is 'none')")
+            return
+        middle = 2 if self.sharing.startswith("middle_") else 0
+        looped = self.n_layers - middle
+        if looped < self.n_loops or looped % self.n_loops:
+            raise ConfigError(f"n_loops={self.n_loops} must divide the {looped} shared depths of "
+                              f"n_layers={self.n_layers} with sharing={self.sharing!r}")
 
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict:
@@ -111,7 +163,15 @@ class ModelConfig:
         mlp = 3 * self.dim * self.ffn_dim
         per_layer = attn + mlp + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
-        return self.n_layers * per_layer + emb + self.dim
+        return self.n_unique_layers * per_layer + emb + self.dim + self.num_lora_params()
+
+    def num_lora_params(self) -> int:
+        """LoRA parameters of a relaxed model: one adapter per shared depth and projection."""
+        q, kv, d, f = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.dim, self.ffn_dim
+        shapes = [(self.lora_rank_attn, i, o) for i, o in ((d, q), (d, kv), (d, kv), (q, d))]
+        shapes += [(self.lora_rank_mlp, i, o) for i, o in ((d, f), (d, f), (f, d))]
+        per_depth = sum(min(r, i, o) * (i + o) for r, i, o in shapes)
+        return self.n_shared_layers * self.n_loops * per_depth
 
 
 PRESETS: dict[str, dict] = {

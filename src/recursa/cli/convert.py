@@ -2,6 +2,8 @@
 
     recursa convert --from-hf path/to/llama --out models/llama      # HF Llama -> recursa
     recursa convert --to-hf models/llama --out exported/llama       # recursa -> HF Llama
+    recursa convert --recursive models/smollm2-135m --out models/smol-10x3 \
+        --sharing cycle --loops 3 --init stepwise [--lora-rank 64]  # -> (relaxed) recursive model
 
 The output directory is written next to its final place and renamed into it, so it is either
 complete or absent; an existing one is kept unless `--force`. Tokenizer files travel along.
@@ -23,9 +25,20 @@ def register(sub) -> None:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--from-hf", metavar="DIR", help="a local LlamaForCausalLM directory to import")
     mode.add_argument("--to-hf", metavar="MODEL_DIR", help="a recursa model directory to export")
+    mode.add_argument("--recursive", metavar="MODEL_DIR",
+                      help="a recursa or HF Llama directory to convert into a recursive model of the same depth")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    r = p.add_argument_group("--recursive options (see recursa.convert.recursive)")
+    r.add_argument("--sharing", choices=("cycle", "sequence", "middle_cycle", "middle_sequence"), default="cycle")
+    r.add_argument("--loops", type=int, help="n_loops: passes through the shared block (required)")
+    r.add_argument("--init", choices=("stepwise", "average", "lower", "random"), default="stepwise")
+    r.add_argument("--lora-rank", type=int, default=0, help="relaxed: LoRA rank for attention and MLP (0: strict)")
+    r.add_argument("--lora-rank-attn", type=int, help="override --lora-rank for q/k/v/o")
+    r.add_argument("--lora-rank-mlp", type=int, help="override --lora-rank for gate/up/down")
+    r.add_argument("--lora-alpha", type=float, help="LoRA scale = alpha / rank (default: scale 1)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the fresh weights (--init random)")
     p.set_defaults(func=run)
 
 
@@ -55,7 +68,27 @@ def _to_hf(args) -> str:
     return f"{model.num_params() / 1e6:.1f}M parameters as LlamaForCausalLM{tokenizer}"
 
 
-MODES = {"from_hf": _from_hf, "to_hf": _to_hf}
+def _recursive(args) -> str:
+    from recursa.convert.hf import copy_tokenizer, staged_dir
+    from recursa.convert.recursive import load_source, to_recursive
+
+    if args.loops is None:
+        raise RecursaError("--recursive needs --loops N (passes through the shared block)")
+    attn = args.lora_rank if args.lora_rank_attn is None else args.lora_rank_attn
+    mlp = args.lora_rank if args.lora_rank_mlp is None else args.lora_rank_mlp
+    source = load_source(args.recursive, dtype=_dtype(args.dtype))
+    model = to_recursive(source, args.sharing, args.loops, args.init, attn, mlp, args.lora_alpha, args.seed)
+    with staged_dir(args.out, args.force) as tmp:
+        model.save(tmp)
+        copied = copy_tokenizer(args.recursive, tmp)
+    s, cfg = model.structure(), model.cfg
+    relaxed = f", LoRA ranks attn {attn} / mlp {mlp}" if attn or mlp else ""
+    return (f"{model.num_params() / 1e6:.1f}M parameters (source {source.num_params() / 1e6:.1f}M), "
+            f"{cfg.sharing} {len(s.prelude)} + {cfg.n_shared_layers}x{cfg.n_loops} + {len(s.coda)} layers, "
+            f"init {args.init}{relaxed}" + (" + tokenizer" if copied else ""))
+
+
+MODES = {"from_hf": _from_hf, "to_hf": _to_hf, "recursive": _recursive}
 
 
 def run(args) -> int:

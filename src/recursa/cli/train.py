@@ -3,6 +3,8 @@
     recursa train --data data/corpus --out runs/demo --preset small --max-minutes 4
     recursa train --data data/corpus --out runs/demo --resume --max-minutes 4     # continue
     recursa train --data data/corpus --out runs/up --init runs/demo/model --max-steps 200
+    recursa train --data data/corpus-smollm --out runs/rec --init models/smol-10x3 \
+        --distill-from models/smollm2-135m --distill-weight 1 --loop-exit-weight 0.1 --max-minutes 10
     torchrun --standalone --nproc-per-node 2 -m recursa.cli train ... --parallel fsdp
 
 Writes <out>/metrics.jsonl, <out>/checkpoint/, <out>/model/ and <out>/summary.json.
@@ -46,6 +48,11 @@ def register(subparsers) -> None:
     t.add_argument("--distill-from", metavar="MODEL_DIR", help="teacher model (frozen, same vocabulary)")
     t.add_argument("--distill-weight", type=float, default=0.0, help="weight of KL(teacher || student)")
     t.add_argument("--distill-temperature", type=float, default=1.0)
+    e = p.add_argument_group("recursive models (cycle / middle_cycle sharing)")
+    e.add_argument("--loop-exit-weight", type=float, default=0.0,
+                   help="weight of the summed CE at every intermediate loop's exit (0.1 in Bae et al.)")
+    e.add_argument("--loop-exit-distill", type=float, default=0.0,
+                   help="weight of the summed KL(final loop || intermediate loop exit)")
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,12 @@ Two ways in:
   and `head`. A *stage* is one set of weights tokens pass through (DESIGN.md); `depth_to_layer`
   maps each depth to the unique layer that runs it, so weight-shared (recursive) models reuse
   the same stage API. The module holds no inference state: KV tensors go in and come out.
+
+Recursive models (`cfg.sharing`, see recursa.model.sharing): `layers` holds one Block per unique
+layer, so a depth-L model that loops K layers N times has K Blocks' parameters, the optimizer and
+checkpoints see each once, and gradients from every loop accumulate into them. `structure()`
+gives the prelude / shared block (unique layers, loops) / coda. Relaxed models add per-depth LoRA
+adapters in `lora` (recursa.model.lora); `forward_stage(depth, ...)` applies that depth's.
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from torch import nn
 
 from recursa.config import ConfigError, ModelConfig
 from recursa.errors import RecursaError
+from recursa.model import lora as lora_lib
 from recursa.model.layers import Block, RMSNorm, rope_cos_sin, rope_frequencies
+from recursa.model.sharing import Structure, structure
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -36,12 +44,15 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_unique_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(cfg.head_dim, cfg.rope_theta), persistent=False)
         # depth d runs unique layer depth_to_layer[d]; identity for the vanilla model.
-        self.depth_to_layer: list[int] = list(range(cfg.n_layers))
+        self._structure = structure(cfg)
+        self.depth_to_layer: list[int] = list(self._structure.depth_to_layer)
+        # relaxed recursion: {str(depth): {projection: LoRA}} for shared depths, or None
+        self.lora = lora_lib.build(cfg, self._structure.shared)
         self.reset_parameters()
 
     # ---- structure -------------------------------------------------------------------------
@@ -52,16 +63,31 @@ class Decoder(nn.Module):
     def stage(self, depth: int) -> Block:
         return self.layers[self.depth_to_layer[depth]]
 
+    def structure(self) -> Structure:
+        """Prelude depths, the shared block (unique layers, n_loops, depths), coda depths."""
+        return self._structure
+
+    def adapters(self, depth: int) -> nn.ModuleDict | None:
+        """The LoRA adapters applied at `depth` (relaxed models, shared depths), else None."""
+        if self.lora is None:
+            return None
+        return self.lora[str(depth)] if str(depth) in self.lora else None
+
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.depth)
         for name, p in self.named_parameters():
+            if name.startswith("lora."):
+                continue  # adapters initialise themselves (B = 0: no change to the shared layer)
             if p.dim() == 1:
                 nn.init.ones_(p)  # norm gains
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=out_std)
             else:
                 nn.init.normal_(p, std=std)
+        for module in self.lora.modules() if self.lora is not None else ():
+            if isinstance(module, lora_lib.LoRA):
+                module.reset_parameters()
         # inv_freq is a derived buffer; recompute it in case the module was built on `meta`.
         self.inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta).to(self.embed_tokens.weight.device)
 
@@ -79,7 +105,7 @@ class Decoder(nn.Module):
 
     def forward_stage(self, depth, h, cos, sin, past_kv=None, mask=None):
         """Run the stage at `depth` on h [B,T,D]; returns (h, (k, v) of the new tokens)."""
-        return self.stage(depth)(h, cos, sin, past_kv=past_kv, mask=mask)
+        return self.stage(depth)(h, cos, sin, past_kv=past_kv, mask=mask, lora=self.adapters(depth))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden states -> logits."""

@@ -2,6 +2,8 @@
 
 Every module is stateless: keys/values come in and go out as plain tensors, so the same block
 serves the training forward (no cache), a single-request decoder, and the batching engine.
+`lora` (optional, relaxed recursive models): a mapping projection name -> module whose output is
+added to that projection's (see recursa.model.lora); None runs the plain weights.
 Shapes: x [B, T, D]; q [B, H, T, hd]; k, v [B, Hkv, T, hd]; cos, sin [B or 1, T, hd].
 """
 from __future__ import annotations
@@ -50,6 +52,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def _project(proj: nn.Linear, name: str, x: torch.Tensor, lora) -> torch.Tensor:
+    y = proj(x)
+    return y if lora is None or name not in lora else y + lora[name](x)
+
+
 def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     """Boolean [q_len, kv_len] mask (True = attend) for the last q_len of kv_len positions."""
     offset = kv_len - q_len
@@ -67,26 +74,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None):
         """Project and rotate: q [B,H,T,hd], k/v [B,Hkv,T,hd] for the new tokens."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = _project(self.q_proj, "q_proj", x, lora).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = _project(self.k_proj, "k_proj", x, lora).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = _project(self.v_proj, "v_proj", x, lora).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def output(self, attn: torch.Tensor) -> torch.Tensor:
+    def output(self, attn: torch.Tensor, lora=None) -> torch.Tensor:
         """attn [B,H,T,hd] -> [B,T,D]."""
         B, _, T, _ = attn.shape
-        return self.o_proj(attn.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return _project(self.o_proj, "o_proj", attn.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), lora)
 
-    def forward(self, x, cos, sin, past_kv=None, mask=None):
+    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None):
         """Attend the new tokens to past_kv + themselves.
 
         mask: optional bool [B or 1, 1, T, S+T] (True = attend); default is causal.
         Returns (output [B,T,D], (k, v)) where k, v hold only the new tokens.
         """
-        q, k, v = self.qkv(x, cos, sin)
+        q, k, v = self.qkv(x, cos, sin, lora)
         keys, values = k, v
         if past_kv is not None:
             keys = torch.cat((past_kv[0], k), dim=2)
@@ -100,7 +107,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.output(out), (k, v)
+        return self.output(out, lora), (k, v)
 
 
 class MLP(nn.Module):
@@ -110,8 +117,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        h = F.silu(_project(self.gate_proj, "gate_proj", x, lora)) * _project(self.up_proj, "up_proj", x, lora)
+        return _project(self.down_proj, "down_proj", h, lora)
 
 
 class Block(nn.Module):
@@ -124,7 +132,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, past_kv=None, mask=None):
-        a, kv = self.attn(self.attn_norm(x), cos, sin, past_kv=past_kv, mask=mask)
+    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None):
+        a, kv = self.attn(self.attn_norm(x), cos, sin, past_kv=past_kv, mask=mask, lora=lora)
         x = x + a
-        return x + self.mlp(self.mlp_norm(x)), kv
+        return x + self.mlp(self.mlp_norm(x), lora), kv

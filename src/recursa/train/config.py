@@ -52,6 +52,8 @@ class TrainConfig:
     distill_from: str | None = None  # teacher model directory
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    loop_exit_weight: float = 0.0    # recursive models: λ · Σ CE at intermediate loop ends (0.1 in Bae et al.)
+    loop_exit_distill: float = 0.0   # ... + weight · Σ KL(final loop || loop r) (train/loop_exits.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,7 +73,7 @@ class TrainConfig:
             positive_int(name)
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             non_negative(name, integer=True)
-        for name in ("weight_decay", "grad_clip", "distill_weight"):
+        for name in ("weight_decay", "grad_clip", "distill_weight", "loop_exit_weight", "loop_exit_distill"):
             non_negative(name)
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise TrainConfigError(f"lr must be positive, got {self.lr!r}")

@@ -37,6 +37,7 @@ from recursa.train.checkpoint import find_checkpoint, load_trainer_state, rng_st
 from recursa.train.config import TrainConfig
 from recursa.train.data import Batches, data_vocab_size, unigram_loss, val_batches, val_windows
 from recursa.train.losses import ForwardOutputs, Objective, default_objective
+from recursa.train.loop_exits import loop_exit_terms
 from recursa.train.schedule import lr_factor, progress
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -75,6 +76,13 @@ def build_model(cfg: TrainConfig, vocab_size: int, resume_from: Path | None) -> 
     return model.train()
 
 
+def build_objective(cfg: TrainConfig, model: Decoder, teacher: Decoder | None) -> Objective:
+    """The objective the flags ask for: CE, + KL to a teacher, + loop-end exit terms."""
+    base = default_objective(teacher, cfg.distill_weight, cfg.distill_temperature)
+    exits = loop_exit_terms(model, cfg.loop_exit_weight, cfg.loop_exit_distill)
+    return Objective(base.terms + exits, base.teacher) if exits else base
+
+
 def _decoder_to_save(model: Decoder, wrapped, parallel: str) -> Decoder | None:
     """A plain CPU-saveable decoder on rank 0 (gathers FSDP shards: call on every rank)."""
     if parallel != "fsdp":
@@ -107,7 +115,7 @@ def train(cfg: TrainConfig, make_objective: Callable[[Decoder, Decoder | None], 
           on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train as `cfg` says; returns the summary dict (also written to <out>/summary.json).
 
-    make_objective(model, teacher) builds the loss terms (default: CE, + KL when distilling).
+    make_objective(model, teacher) builds the loss terms (default: `build_objective`).
     on_step(step, record) runs on every rank after each step and its checkpoint.
     """
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -141,7 +149,7 @@ def _train(cfg, env, make_objective, on_step) -> dict:
         teacher = load(cfg.distill_from, device=device).requires_grad_(False)
         if teacher.cfg.vocab_size != vocab_size:
             raise RecursaError(f"teacher {cfg.distill_from} has vocab_size {teacher.cfg.vocab_size}, data uses {vocab_size}")
-    objective = (make_objective or (lambda m, t: default_objective(t, cfg.distill_weight, cfg.distill_temperature)))(model, teacher)
+    objective = (make_objective or (lambda m, t: build_objective(cfg, m, t)))(model, teacher)
     forward = ForwardOutputs(model)
     wrapped = D.wrap_model(forward, parallel, env)
     params = [p for p in forward.parameters() if p.requires_grad]

