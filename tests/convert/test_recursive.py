@@ -14,15 +14,6 @@ from recursa.model.lora import merge
 from recursa.model.sharing import structure
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Shared 2-core machine: one intra-op thread avoids oversubscription stalls (SVD especially)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def original():
     """A 6-layer vanilla model whose norm gains differ per layer (so tying them loses something)."""

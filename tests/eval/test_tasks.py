@@ -1,5 +1,3 @@
-import gzip
-import zipfile
 from pathlib import Path
 
 import pytest

@@ -7,15 +7,6 @@ from recursa.model import Decoder, load
 from recursa.model.lora import LoRA, merge
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Shared 2-core machine: one intra-op thread avoids oversubscription stalls (SVD especially)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def relaxed(**kw) -> Decoder:
     torch.manual_seed(0)
     cfg = preset("tiny", **{"n_layers": 6, "sharing": "cycle", "n_loops": 3, "lora_rank_attn": 4,

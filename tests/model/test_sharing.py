@@ -6,15 +6,6 @@ from recursa.config import ConfigError, ModelConfig, preset
 from recursa.model import Decoder, load
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Shared 2-core machine: one intra-op thread avoids oversubscription stalls (SVD especially)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**kw) -> ModelConfig:
     return preset("tiny", **{"n_layers": 6, **kw})
 

@@ -11,15 +11,6 @@ from recursa.model import Decoder
 from train_helpers import VOCAB, markov_docs, micro_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The 2 test cores are shared: one intra-op thread avoids OpenMP oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("packed")

@@ -10,8 +10,8 @@ from recursa.errors import RecursaError
 from recursa.model import Decoder, load
 from recursa.train import TrainConfig, train
 from recursa.train.data import Batch
-from recursa.train.losses import ForwardOutputs, LossTerm, Objective, default_objective, next_token_ce
-from recursa.train.loop_exits import loop_exit_ce, loop_exit_distill, loop_exit_logits, loop_exit_terms
+from recursa.train.losses import ForwardOutputs, Objective, default_objective
+from recursa.train.loop_exits import loop_exit_distill, loop_exit_logits, loop_exit_terms
 from train_helpers import micro_config
 
 
