@@ -61,10 +61,6 @@ class ModelRunner:
             self._key, self._batch = key, _Batch(self.model, self.kv, seqs, self.device, self.dtype)
         return self._batch
 
-    def _adapters(self, depth: int):
-        adapters = getattr(self.model, "adapters", None)
-        return None if adapters is None else adapters(depth)
-
     @torch.inference_mode()
     def run_stage(self, seqs: list[Sequence]) -> None:
         """Run the stage every chunk in `seqs` waits at (one unique layer), advancing each a depth."""
@@ -100,7 +96,7 @@ class ModelRunner:
             out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=batch.mask, enable_gqa=self.gqa)
             return out.transpose(0, 1)[:, batch.valid][None]                        # [1, H, N, hd]
 
-        x = run_block(self.model.stage(depths[0]), x, batch.cos, batch.sin, attend, self._adapters(depths[0]))
+        x, _ = self.model.forward_stage(depths[0], x, batch.cos, batch.sin, attend=attend)
         for s, h in zip(seqs, x[0].split(batch.sizes)):
             s.hidden = h
             s.depth += 1
@@ -112,14 +108,3 @@ class ModelRunner:
         """Final norm + LM head on each sequence's last hidden state: logits [len(seqs), V] (fp32)."""
         return self.model.head(torch.stack([s.hidden[-1] for s in seqs])).float()
 
-
-def run_block(block, x, cos, sin, attend, lora=None):
-    """`Block.forward` with attention supplied by the engine: `attend(q, k, v) -> [B, H, T, hd]`.
-
-    Mirrors model/layers.py Block.forward (pre-norm attention, then pre-norm MLP); the engine's
-    exactness tests compare the two.
-    """
-    extra = () if lora is None else (lora,)
-    q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin, *extra)
-    x = x + block.attn.output(attend(q, k, v), *extra)
-    return x + block.mlp(block.mlp_norm(x), *extra)

@@ -103,9 +103,11 @@ class Decoder(nn.Module):
         """cos, sin for positions [T] or [B, T]."""
         return rope_cos_sin(self.inv_freq, positions, dtype or self.embed_tokens.weight.dtype)
 
-    def forward_stage(self, depth, h, cos, sin, past_kv=None, mask=None):
-        """Run the stage at `depth` on h [B,T,D]; returns (h, (k, v) of the new tokens)."""
-        return self.stage(depth)(h, cos, sin, past_kv=past_kv, mask=mask, lora=self.adapters(depth))
+    def forward_stage(self, depth, h, cos, sin, past_kv=None, mask=None, attend=None):
+        """Run the stage at `depth` on h [B,T,D]; returns (h, (k, v) of the new tokens).
+
+        `attend(q, k, v)` lets a caller that owns a paged cache supply the attention (the engine)."""
+        return self.stage(depth)(h, cos, sin, past_kv=past_kv, mask=mask, lora=self.adapters(depth), attend=attend)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden states -> logits."""

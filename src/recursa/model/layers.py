@@ -87,13 +87,17 @@ class Attention(nn.Module):
         B, _, T, _ = attn.shape
         return _project(self.o_proj, "o_proj", attn.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), lora)
 
-    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None):
+    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None, attend=None):
         """Attend the new tokens to past_kv + themselves.
 
         mask: optional bool [B or 1, 1, T, S+T] (True = attend); default is causal.
+        attend: optional `attend(q, k, v) -> [B, H, T, hd]` replacing the whole attention over
+        past_kv (the engine passes one that writes k/v into its paged cache and reads it back).
         Returns (output [B,T,D], (k, v)) where k, v hold only the new tokens.
         """
         q, k, v = self.qkv(x, cos, sin, lora)
+        if attend is not None:
+            return self.output(attend(q, k, v), lora), (k, v)
         keys, values = k, v
         if past_kv is not None:
             keys = torch.cat((past_kv[0], k), dim=2)
@@ -132,7 +136,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None):
-        a, kv = self.attn(self.attn_norm(x), cos, sin, past_kv=past_kv, mask=mask, lora=lora)
+    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None, attend=None):
+        a, kv = self.attn(self.attn_norm(x), cos, sin, past_kv=past_kv, mask=mask, lora=lora, attend=attend)
         x = x + a
         return x + self.mlp(self.mlp_norm(x), lora), kv
