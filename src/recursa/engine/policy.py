@@ -12,19 +12,21 @@ Both give identical outputs; only the order of work (hence speed) differs.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from recursa.engine.sequence import Sequence
 
 
-class StagePolicy:
+class StagePolicy(ABC):
     name = "base"
 
+    @abstractmethod
     def admit(self, running: list[Sequence]) -> bool:
         """May new chunks enter depth 0 now?"""
-        raise NotImplementedError
 
+    @abstractmethod
     def pick(self, groups: dict[int, list[Sequence]]) -> int:
         """The layer whose waiting tokens run next (groups is non-empty)."""
-        raise NotImplementedError
 
 
 class DepthwisePolicy(StagePolicy):

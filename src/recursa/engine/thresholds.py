@@ -42,7 +42,7 @@ class Fixed:
         return self.value
 
     def observe(self, confidence: float, agreed: bool) -> None:
-        pass
+        """A non-adaptive threshold ignores what the deep passes say."""
 
 
 class CALMDecay:
@@ -56,7 +56,7 @@ class CALMDecay:
         return min(1.0, max(0.0, lam))
 
     def observe(self, confidence: float, agreed: bool) -> None:
-        pass
+        """A non-adaptive threshold ignores what the deep passes say."""
 
 
 @dataclass
