@@ -26,3 +26,17 @@ def micro_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     Decoder(micro_config()).save(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def relaxed_model_dir(tmp_path_factory):
+    """A relaxed recursive micro model: 2 unique layers looped twice, rank-2 LoRA per loop."""
+    d = tmp_path_factory.mktemp("relaxed")
+    torch.manual_seed(0)
+    model = Decoder(micro_config(n_layers=4, sharing="cycle", n_loops=2, lora_rank_attn=2, lora_rank_mlp=2))
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter for the gradient check
+        for name, p in model.named_parameters():
+            if name.startswith("lora."):
+                p.normal_(std=0.05)
+    model.save(d)
+    return d

@@ -3,7 +3,7 @@
 `init_distributed()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on CUDA,
 gloo otherwise, a single process when the variables are absent. `wrap_model()` wraps a plain
 nn.Module in DDP (find_unused_parameters=True: early exit leaves parameters unused) or FSDP2
-(`fully_shard` on each transformer Block, then on the root). The state-dict helpers gather full,
+(`fully_shard` per unique layer, a shared block and its LoRA as one unit, then the root). The state-dict helpers gather full,
 CPU-resident model and optimizer states so checkpoints look the same whatever the parallelism.
 
 Run on 2 CPU processes:  torchrun --standalone --nproc-per-node 2 -m recursa.cli train ... --parallel ddp
@@ -77,6 +77,27 @@ def resolve_parallel(parallel: str, env: DistEnv) -> str:
     return parallel
 
 
+def fsdp_units(module: nn.Module) -> list[tuple[list[nn.Module], bool]]:
+    """FSDP2 units of every Decoder inside `module`: (modules sharded together, reshard after forward).
+
+    A unique (prelude/coda) layer is its own unit. The layers of a shared block, with their
+    per-loop LoRA adapters, form ONE unit kept gathered for the whole forward, so a block looped
+    N times gathers its weights once per step rather than once per loop.
+    """
+    from recursa.model.decoder import Decoder
+
+    units = []
+    for dec in (m for m in module.modules() if isinstance(m, Decoder)):
+        shared = set(dec.structure().shared_layers)
+        units += [([layer], True) for u, layer in enumerate(dec.layers) if u not in shared]
+        if shared:
+            group = [dec.layers[u] for u in sorted(shared)]
+            if dec.lora is not None:
+                group.append(dec.lora)
+            units.append((group, False))
+    return units
+
+
 def wrap_model(module: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
     """DDP or FSDP2 around `module` (already on env.device); `none` returns it unchanged."""
     if parallel == "none":
@@ -89,13 +110,10 @@ def wrap_model(module: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        from recursa.model.layers import Block
-
         # Blocks return their new (k, v) views for the engine's cache; training never edits them in place.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        for sub in module.modules():
-            if isinstance(sub, Block):
-                fully_shard(sub)
+        for group, reshard in fsdp_units(module):
+            fully_shard(group, reshard_after_forward=reshard)
         fully_shard(module)
         return module
     raise RecursaError(f"unknown parallel mode {parallel!r}")
