@@ -11,12 +11,16 @@ K = L / n_loops layers; `middle_cycle`/`middle_sequence` keep the first and last
 and tie the middle L - 2 depths onto K = (L - 2) / n_loops layers (see `recursa.model.sharing`).
 `lora_rank_attn` / `lora_rank_mlp` > 0 make it a Relaxed Recursive Transformer: a LoRA per
 shared depth on q/k/v/o and gate/up/down, scaled by lora_alpha / rank (1 when lora_alpha is None).
+
+Early exits (`recursa.model.exits`): `exit_depths` lists the depths after which a token may stop
+(the final depth is always an exit); `exit_own_norm` gives each its own RMSNorm (saved with the
+weights), otherwise an exit uses the shared final norm + LM head.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 
 from recursa.errors import RecursaError
@@ -49,6 +53,8 @@ class ModelConfig:
     lora_rank_attn: int = 0          # relaxed recursion: LoRA rank on q/k/v/o of shared depths
     lora_rank_mlp: int = 0           # ... and on gate/up/down; 0 = strictly shared
     lora_alpha: float | None = None  # LoRA scale = lora_alpha / rank; None: scale 1
+    exit_depths: list[int] = field(default_factory=list)  # early exits after these depths (ascending, < n_layers)
+    exit_own_norm: bool = False      # each exit has its own RMSNorm before the shared LM head
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +97,22 @@ class ModelConfig:
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name}={value} is outside the vocabulary (vocab_size={self.vocab_size})")
         self._validate_sharing()
+        self._validate_exits()
+
+    def _validate_exits(self) -> None:
+        depths = self.exit_depths
+        if not isinstance(depths, (list, tuple)) or any(not isinstance(d, int) or isinstance(d, bool) for d in depths):
+            raise ConfigError(f"exit_depths must be a list of integers, got {depths!r}")
+        self.exit_depths = depths = list(depths)
+        if any(not 0 < d < self.n_layers for d in depths):
+            raise ConfigError(f"exit_depths must lie strictly between 0 and n_layers={self.n_layers} "
+                              f"(the final depth is always an exit), got {depths}")
+        if depths != sorted(set(depths)):
+            raise ConfigError(f"exit_depths must be strictly ascending, got {depths}")
+        if not isinstance(self.exit_own_norm, bool):
+            raise ConfigError(f"exit_own_norm must be true or false, got {self.exit_own_norm!r}")
+        if self.exit_own_norm and not depths:
+            raise ConfigError("exit_own_norm needs exit_depths")
 
     def _validate_sharing(self) -> None:
         if self.sharing not in SHARING:
@@ -163,7 +185,8 @@ class ModelConfig:
         mlp = 3 * self.dim * self.ffn_dim
         per_layer = attn + mlp + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
-        return self.n_unique_layers * per_layer + emb + self.dim + self.num_lora_params()
+        exit_norms = len(self.exit_depths) * self.dim if self.exit_own_norm else 0
+        return self.n_unique_layers * per_layer + emb + self.dim + self.num_lora_params() + exit_norms
 
     def num_lora_params(self) -> int:
         """LoRA parameters of a relaxed model: one adapter per shared depth and projection."""

@@ -5,6 +5,10 @@
     recursa train --data data/corpus --out runs/up --init runs/demo/model --max-steps 200
     recursa train --data data/corpus-smollm --out runs/rec --init models/smol-10x3 \
         --distill-from models/smollm2-135m --distill-weight 1 --loop-exit-weight 0.1 --max-minutes 10
+    recursa train --data data/corpus-smollm --out runs/exits --init models/smollm2-135m \
+        --exit-depths 10,20 --exit-own-norm --freeze-backbone --exit-weight 1 --max-steps 200
+    recursa train --data data/corpus --out runs/ee --preset small --exit-depths 2,4 --exit-weight 0.3 \
+        --exit-curriculum rotational --exit-kd-weight 0.1 --max-minutes 4
     torchrun --standalone --nproc-per-node 2 -m recursa.cli train ... --parallel fsdp
 
 Writes <out>/metrics.jsonl, <out>/checkpoint/, <out>/model/ and <out>/summary.json.
@@ -13,7 +17,18 @@ from __future__ import annotations
 
 import argparse
 
-from recursa.train.config import DTYPES, PARALLEL, SCHEDULES, TrainConfig
+from recursa.train.config import CURRICULA, DTYPES, PARALLEL, SCHEDULES, TrainConfig
+
+
+def _depths(text: str) -> list[int]:
+    """'2,4' -> [2, 4] (the model config checks the range and the order)."""
+    try:
+        depths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts like 2,4, got {text!r}") from None
+    if not depths:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts like 2,4, got {text!r}")
+    return depths
 
 
 def register(subparsers) -> None:
@@ -53,6 +68,17 @@ def register(subparsers) -> None:
                    help="weight of the summed CE at every intermediate loop's exit (0.1 in Bae et al.)")
     e.add_argument("--loop-exit-distill", type=float, default=0.0,
                    help="weight of the summed KL(final loop || intermediate loop exit)")
+    x = p.add_argument_group("early exits (train/exit_losses.py)")
+    x.add_argument("--exit-depths", type=_depths, metavar="D1,D2",
+                   help="give the model exits after these many layers (fresh or --init model)")
+    x.add_argument("--exit-own-norm", action="store_true", help="each exit gets its own RMSNorm (saved with the model)")
+    x.add_argument("--exit-weight", type=float, default=0.0,
+                   help="weight of the summed CE at the intermediate exits (the curriculum's scale with --exit-curriculum)")
+    x.add_argument("--exit-curriculum", choices=CURRICULA, help="LayerSkip early-exit loss curriculum")
+    x.add_argument("--exit-kd-weight", type=float, default=0.0,
+                   help="weight of FREE's layer-wise hidden-state distillation to the first exit")
+    x.add_argument("--freeze-backbone", action="store_true",
+                   help="train only the exits' own norms (needs --exit-own-norm exits)")
     p.set_defaults(func=run)
 
 

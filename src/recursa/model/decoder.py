@@ -13,6 +13,9 @@ layer, so a depth-L model that loops K layers N times has K Blocks' parameters, 
 checkpoints see each once, and gradients from every loop accumulate into them. `structure()`
 gives the prelude / shared block (unique layers, loops) / coda. Relaxed models add per-depth LoRA
 adapters in `lora` (recursa.model.lora); `forward_stage(depth, ...)` applies that depth's.
+
+Early exits (`cfg.exit_depths`, recursa.model.exits): with `cfg.exit_own_norm` the model owns one
+RMSNorm per exit in `exit_heads` (saved and trained with everything else), else `exit_heads` is None.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from torch import nn
 from recursa.config import ConfigError, ModelConfig
 from recursa.errors import RecursaError
 from recursa.model import lora as lora_lib
+from recursa.model.exits import ExitHeads, ExitSpec
 from recursa.model.layers import Block, RMSNorm, rope_cos_sin, rope_frequencies
 from recursa.model.sharing import Structure, structure
 
@@ -53,6 +57,7 @@ class Decoder(nn.Module):
         self.depth_to_layer: list[int] = list(self._structure.depth_to_layer)
         # relaxed recursion: {str(depth): {projection: LoRA}} for shared depths, or None
         self.lora = lora_lib.build(cfg, self._structure.shared)
+        self.exit_heads = ExitHeads(self, ExitSpec.from_config(cfg)) if cfg.exit_own_norm else None
         self.reset_parameters()
 
     # ---- structure -------------------------------------------------------------------------

@@ -5,14 +5,17 @@ An exit at depth `e` reads the hidden state after the first `e` layers (`hidden[
 shared final norm + LM head (`model.head`), as LayerSkip and FREE do: no new weights, so a
 pretrained model has usable exits once they are fine-tuned. `own_norm=True` gives each exit its
 own RMSNorm (initialised to the final norm's gain) in front of the shared LM head; those norms
-live in an `ExitHeads` module beside the decoder, trained as extra parameters.
+live in an `ExitHeads` module.
 
-    spec = ExitSpec(depths=(2,))
-    heads = ExitHeads(model, spec)            # or None when spec.own_norm is False
-    logits = exit_logits(model, hidden[2], 2, heads)
+The model's exits are part of its config (`ModelConfig.exit_depths`, `exit_own_norm`); a model
+whose config has own-norm exits owns its `ExitHeads` as `model.exit_heads`, so the norms are
+saved, loaded and trained with the other weights, and `exit_logits` uses them by default.
 
-The final depth L is always an exit and is not listed in `depths`. `ExitSpec` is a plain
-JSON-serialisable dataclass (to_dict / from_dict) so it can move into ModelConfig unchanged.
+    spec = ExitSpec.from_config(model.cfg)    # or ExitSpec(depths=(2,)) for a one-off spec
+    logits = exit_logits(model, hidden[2], 2)
+    model = with_exits(load("models/smollm2-135m"), [10, 20], own_norm=True)  # add exits to a model
+
+The final depth L is always an exit and is not listed in `depths`.
 """
 from __future__ import annotations
 
@@ -52,6 +55,11 @@ class ExitSpec:
                                 f"(the final depth is always an exit; list only intermediate ones)")
         return self
 
+    @classmethod
+    def from_config(cls, cfg) -> "ExitSpec":
+        """The exits a ModelConfig declares (empty when it has none)."""
+        return cls(depths=tuple(cfg.exit_depths), own_norm=cfg.exit_own_norm)
+
     def to_dict(self) -> dict:
         return {"depths": list(self.depths), "own_norm": self.own_norm}
 
@@ -84,12 +92,34 @@ def lm_weight(model: nn.Module) -> torch.Tensor:
 def exit_logits(model: nn.Module, hidden: torch.Tensor, depth: int, heads: ExitHeads | None = None) -> torch.Tensor:
     """Logits [..., V] of the exit after `depth` layers from hidden [..., D].
 
-    The final depth and exits without an own norm go through `model.head`; with `heads`, an
-    exit listed there uses its own norm before the shared LM head.
+    The final depth and exits without an own norm go through `model.head`; with `heads` (by
+    default the model's own `exit_heads`, if any), an exit listed there uses its own norm
+    before the shared LM head.
     """
+    if heads is None:
+        heads = getattr(model, "exit_heads", None)
     if heads is None or depth == model.depth or str(depth) not in heads.norms:
         return model.head(hidden)
     return F.linear(heads.norms[str(depth)](hidden), lm_weight(model))
 
 
-__all__ = ["ExitSpec", "ExitSpecError", "ExitHeads", "exit_logits", "lm_weight"]
+def with_exits(model: nn.Module, depths, own_norm: bool = False) -> nn.Module:
+    """Give `model` (in place) the exits `depths`: its config changes, own norms start as the final norm.
+
+    Own norms the model already has for a kept depth keep their trained gains."""
+    cfg = model.cfg.replace(exit_depths=list(depths), exit_own_norm=own_norm)
+    old = getattr(model, "exit_heads", None)
+    heads = ExitHeads(model, ExitSpec.from_config(cfg)) if own_norm else None
+    if heads is not None and old is not None:
+        with torch.no_grad():
+            for key, norm in heads.norms.items():
+                if key in old.norms:
+                    norm.weight.copy_(old.norms[key].weight)
+    if heads is not None:
+        heads.to(device=model.norm.weight.device, dtype=model.norm.weight.dtype)
+    model.cfg = cfg
+    model.exit_heads = heads
+    return model
+
+
+__all__ = ["ExitSpec", "ExitSpecError", "ExitHeads", "exit_logits", "lm_weight", "with_exits"]

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from recursa.config import PRESETS
 from recursa.errors import RecursaError
 
+CURRICULA = ("all", "rotational", "gradual")  # exit loss curricula (train/exit_losses.py)
+
 SCHEDULES = ("cosine", "wsd")
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 DTYPES = ("auto", "fp32", "bf16")
@@ -54,6 +56,12 @@ class TrainConfig:
     distill_temperature: float = 1.0
     loop_exit_weight: float = 0.0    # recursive models: λ · Σ CE at intermediate loop ends (0.1 in Bae et al.)
     loop_exit_distill: float = 0.0   # ... + weight · Σ KL(final loop || loop r) (train/loop_exits.py)
+    exit_depths: list[int] | None = None  # set the model's exit depths (None: keep the model's own)
+    exit_own_norm: bool = False      # ... with an own RMSNorm per exit
+    exit_weight: float = 0.0         # weight of the intermediate exits' CE (train/exit_losses.py) ...
+    exit_curriculum: str | None = None  # ... or the scale of LayerSkip's curriculum: all | rotational | gradual
+    exit_kd_weight: float = 0.0      # FREE layer-wise hidden-state distillation to the first exit
+    freeze_backbone: bool = False    # train only the exit norms (needs own-norm exits)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,7 +81,8 @@ class TrainConfig:
             positive_int(name)
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             non_negative(name, integer=True)
-        for name in ("weight_decay", "grad_clip", "distill_weight", "loop_exit_weight", "loop_exit_distill"):
+        for name in ("weight_decay", "grad_clip", "distill_weight", "loop_exit_weight", "loop_exit_distill",
+                     "exit_weight", "exit_kd_weight"):
             non_negative(name)
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise TrainConfigError(f"lr must be positive, got {self.lr!r}")
@@ -105,6 +114,28 @@ class TrainConfig:
             raise TrainConfigError("--distill-weight needs --distill-from MODEL_DIR (the teacher)")
         if self.distill_from and self.distill_weight == 0:
             raise TrainConfigError("--distill-from needs a positive --distill-weight")
+        self._validate_exits()
+
+    def _validate_exits(self) -> None:
+        if self.exit_curriculum is not None:
+            if self.exit_curriculum not in CURRICULA:
+                raise TrainConfigError(f"unknown exit_curriculum {self.exit_curriculum!r}; "
+                                       f"choose from {', '.join(CURRICULA)}")
+            if not self.exit_weight > 0:
+                raise TrainConfigError("--exit-curriculum needs a positive --exit-weight (the curriculum's scale)")
+            if self.exit_curriculum == "gradual" and self.max_steps is None:
+                raise TrainConfigError("--exit-curriculum gradual needs --max-steps (it ramps over the first half)")
+        if self.exit_own_norm and not self.exit_depths:
+            raise TrainConfigError("--exit-own-norm needs --exit-depths")
+        if self.freeze_backbone:
+            if not self.exit_weight > 0:
+                raise TrainConfigError("--freeze-backbone trains only the exit norms: give a positive --exit-weight")
+            if self.exit_curriculum == "gradual":
+                raise TrainConfigError("--freeze-backbone with --exit-curriculum gradual leaves early steps with "
+                                       "nothing to train; use all or rotational")
+            if self.exit_kd_weight > 0:
+                raise TrainConfigError("--exit-kd-weight trains the backbone's shallow layers; "
+                                       "it does nothing with --freeze-backbone")
 
     @property
     def tokens_per_step(self) -> int:

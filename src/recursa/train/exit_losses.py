@@ -31,11 +31,11 @@ from torch import nn
 
 from recursa.errors import RecursaError
 from recursa.model.exits import ExitHeads, ExitSpec, exit_logits
+from recursa.train.config import CURRICULA
 from recursa.train.data import Batch
 from recursa.train.losses import LossTerm
 
 NEEDS = frozenset({"logits", "hidden"})
-CURRICULA = ("all", "rotational", "gradual")
 
 
 def _exit_logits(model: nn.Module, outputs: dict, depths, heads: ExitHeads | None) -> dict[int, torch.Tensor]:
@@ -111,7 +111,10 @@ class ExitCurriculum:
 
 
 def curriculum_ce(curriculum: ExitCurriculum, heads: ExitHeads | None = None):
-    """Σ over the curriculum's active exits of their depth-growing scale times CE (0 when none active)."""
+    """Σ over the curriculum's active exits of their depth-growing scale times CE (0 when none active).
+
+    The returned function carries the curriculum as `fn.curriculum`; the training loop sets its
+    `step` before every optimizer step."""
 
     def fn(model: nn.Module, batch: Batch, outputs: dict) -> torch.Tensor:
         curriculum.spec.check(model.depth)
@@ -121,6 +124,7 @@ def curriculum_ce(curriculum: ExitCurriculum, heads: ExitHeads | None = None):
         logits = _exit_logits(model, outputs, active, heads)
         return sum(curriculum.weight(e, model.depth) * _ce(logits[e], batch) for e in active)
 
+    fn.curriculum = curriculum
     return fn
 
 

@@ -28,15 +28,17 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from recursa.config import PRESETS, preset
+from recursa.config import PRESETS, ConfigError, preset
 from recursa.data.packed import read_tokens
 from recursa.errors import RecursaError
 from recursa.model import Decoder, load
+from recursa.model.exits import ExitSpec, with_exits
 from recursa.train import distributed as D
 from recursa.train.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from recursa.train.config import TrainConfig
 from recursa.train.data import Batches, data_vocab_size, unigram_loss, val_batches, val_windows
 from recursa.train.losses import ForwardOutputs, Objective, default_objective
+from recursa.train.exit_losses import ExitCurriculum, exit_terms
 from recursa.train.loop_exits import loop_exit_terms
 from recursa.train.schedule import lr_factor, progress
 
@@ -60,27 +62,63 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, resume_from: Path | None) -> Decoder:
-    """The decoder to train: from the checkpoint, from --init weights, or a fresh seeded preset."""
+    """The decoder to train: from the checkpoint, from --init weights, or a fresh seeded preset.
+
+    --exit-depths sets the exits of a fresh or --init model; a resumed one keeps its own (the flag
+    may repeat them). --freeze-backbone leaves only the exit norms trainable."""
+    exits = None if cfg.exit_depths is None else dict(exit_depths=list(cfg.exit_depths),
+                                                          exit_own_norm=cfg.exit_own_norm)
     if resume_from is not None or cfg.init is not None:
         model = load(resume_from or cfg.init)
         source = resume_from or cfg.init
+        if exits and resume_from is not None:
+            have = dict(exit_depths=model.cfg.exit_depths, exit_own_norm=model.cfg.exit_own_norm)
+            if have != exits:
+                raise RecursaError(f"the checkpoint in {cfg.out} has exits {have}; a resumed run cannot change "
+                                   f"them to {exits}")
+        elif exits:
+            try:
+                with_exits(model, exits["exit_depths"], exits["exit_own_norm"])
+            except ConfigError as e:
+                raise RecursaError(f"--exit-depths for the model at {source}: {e}") from None
     else:
         torch.manual_seed(cfg.seed)
         max_len = max(PRESETS[cfg.preset].get("max_seq_len", cfg.seq_len), cfg.seq_len)
-        model, source = Decoder(preset(cfg.preset, vocab_size=vocab_size, max_seq_len=max_len)), None
+        model = Decoder(preset(cfg.preset, vocab_size=vocab_size, max_seq_len=max_len, **(exits or {})))
+        source = None
     if model.cfg.vocab_size != vocab_size:
         raise RecursaError(f"model at {source} has vocab_size {model.cfg.vocab_size} but the data in "
                            f"{cfg.data} uses {vocab_size}: tokenize with the model's tokenizer")
     if cfg.seq_len > model.cfg.max_seq_len:
         raise RecursaError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    if cfg.freeze_backbone:
+        if model.exit_heads is None:
+            raise RecursaError("--freeze-backbone trains only the exits' own norms, and this model has none: "
+                               "add --exit-own-norm (with --exit-depths)")
+        model.requires_grad_(False)
+        model.exit_heads.requires_grad_(True)
     return model.train()
 
 
 def build_objective(cfg: TrainConfig, model: Decoder, teacher: Decoder | None) -> Objective:
-    """The objective the flags ask for: CE, + KL to a teacher, + loop-end exit terms."""
+    """The objective the flags ask for: CE, + KL to a teacher, + loop-end exit terms, + exit terms.
+
+    Exit terms use the model's own exits (cfg.exit_depths): --exit-weight weighs their summed CE,
+    or, with --exit-curriculum, is the scale of LayerSkip's curriculum (rotational: one exit per
+    step in turn; gradual: exits switch on deep-first over the first half of --max-steps)."""
     base = default_objective(teacher, cfg.distill_weight, cfg.distill_temperature)
-    exits = loop_exit_terms(model, cfg.loop_exit_weight, cfg.loop_exit_distill)
-    return Objective(base.terms + exits, base.teacher) if exits else base
+    extra = loop_exit_terms(model, cfg.loop_exit_weight, cfg.loop_exit_distill)
+    if cfg.exit_weight > 0 or cfg.exit_kd_weight > 0:
+        spec = ExitSpec.from_config(model.cfg)
+        if not spec.depths:
+            raise RecursaError("--exit-weight/--exit-kd-weight need a model with exits: give --exit-depths")
+        curriculum = None
+        if cfg.exit_curriculum is not None:
+            curriculum = ExitCurriculum(spec, cfg.exit_curriculum, period=len(spec.depths),
+                                        ramp_steps=max(1, (cfg.max_steps or 1) // 2), scale=cfg.exit_weight)
+        extra += exit_terms(spec, ce_weight=0.0 if curriculum else cfg.exit_weight, kd_weight=cfg.exit_kd_weight,
+                            curriculum=curriculum)
+    return Objective(base.terms + extra, base.teacher) if extra else base
 
 
 def _decoder_to_save(model: Decoder, wrapped, parallel: str) -> Decoder | None:
@@ -150,6 +188,7 @@ def _train(cfg, env, make_objective, on_step) -> dict:
         if teacher.cfg.vocab_size != vocab_size:
             raise RecursaError(f"teacher {cfg.distill_from} has vocab_size {teacher.cfg.vocab_size}, data uses {vocab_size}")
     objective = (make_objective or (lambda m, t: build_objective(cfg, m, t)))(model, teacher)
+    curricula = [t.fn.curriculum for t in objective.terms if hasattr(t.fn, "curriculum")]  # exit loss schedules
     forward = ForwardOutputs(model)
     wrapped = D.wrap_model(forward, parallel, env)
     params = [p for p in forward.parameters() if p.requires_grad]
@@ -203,6 +242,8 @@ def _train(cfg, env, make_objective, on_step) -> dict:
                                     cfg.max_minutes), cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_frac)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            for curriculum in curricula:
+                curriculum.step = step
             t_step = time.perf_counter()
             sums = torch.zeros(len(objective.terms) + 1, dtype=torch.float64)
             for micro in range(cfg.grad_accum):
