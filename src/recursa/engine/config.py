@@ -1,8 +1,9 @@
 """Engine settings: one dataclass whose field names are vLLM's engine arguments where they exist.
 
 `policy` picks which stage runs next (engine/policy.py): "depthwise" (continuous depth-wise
-batching: run the fullest stage, admit new tokens every step) or "synchronous" (a batch steps
-through all depths together; new tokens wait until it has exited).
+batching: stages run in a sweep, new tokens enter every step), "fullest" (run the stage with the
+most waiting tokens) or "synchronous" (a batch steps through all depths together; new tokens
+wait until it has exited).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 from recursa.errors import RecursaError
 
-POLICIES = ("depthwise", "synchronous")
+POLICIES = ("depthwise", "fullest", "synchronous")
 
 
 @dataclass(slots=True)

@@ -6,7 +6,8 @@
         print(out.text, out.finish_reason)
 
 Keyword arguments are EngineConfig's (max_num_seqs, max_num_batched_tokens, max_model_len,
-block_size, kv_cache_memory, policy). The streaming interface (add_request, abort_request,
+block_size, kv_cache_memory, policy); `exit_policy` (an early_exit.ExitPolicy) turns on early
+exit for a model with exits, decoded at batch > 1 with lossless KV (depth_router.py). The streaming interface (add_request, abort_request,
 step, has_unfinished) is LLMEngine's, for servers.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from recursa.model.decoder import Decoder, load
 
 
 class LLM(LLMEngine):
-    def __init__(self, model: Decoder | str | os.PathLike, tokenizer=None, **engine_args):
+    def __init__(self, model: Decoder | str | os.PathLike, tokenizer=None, exit_policy=None, **engine_args):
         if isinstance(model, (str, os.PathLike)):
             directory = Path(model)
             model = load(directory)
@@ -34,7 +35,7 @@ class LLM(LLMEngine):
                 tokenizer = load_tokenizer(directory)
         elif not isinstance(model, Decoder):
             raise RecursaError(f"LLM takes a model directory or a recursa Decoder, not {type(model).__name__}")
-        super().__init__(model, tokenizer, EngineConfig(**engine_args))
+        super().__init__(model, tokenizer, EngineConfig(**engine_args), exit_policy)
         self._ids = itertools.count()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:

@@ -7,13 +7,18 @@
             print(out.request_id, out.delta_text, out.finish_reason)
 
 A step: the scheduler lets new chunks into depth 0 (scheduler.py), the policy picks a stage
-group (policy.py), the runner runs that stage on all of its tokens (model_runner.py), and
-chunks that leave the last depth are sampled: final norm + LM head, one token per request,
-stop checks, detokenization. Those requests' outputs are what `step()` returns.
+group (policy.py), the runner runs that stage on all of its tokens (model_runner.py), and the
+depth router (depth_router.py) moves tokens on for the model's family — full depth, Mixture-of-
+Recursions routing, or early exit with an `exit_policy` — and returns the chunks that are done.
+Those whose newest token is due are sampled (one token per request, stop checks, detokenization);
+their outputs are what `step()` returns.
 """
 from __future__ import annotations
 
+import torch
+
 from recursa.engine.config import EngineConfig
+from recursa.engine.depth_router import make_router
 from recursa.engine.kv_cache import KVCacheManager
 from recursa.engine.model_runner import ModelRunner
 from recursa.engine.outputs import RequestOutput
@@ -29,7 +34,7 @@ DEFAULT_KV_MEMORY = 512 * 2**20
 
 
 class LLMEngine:
-    def __init__(self, model: Decoder, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, model: Decoder, tokenizer=None, config: EngineConfig | None = None, exit_policy=None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config = config or EngineConfig()
         cfg = model.cfg
@@ -38,17 +43,27 @@ class LLMEngine:
             raise RecursaError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
         self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         weight = model.embed_tokens.weight
-        per_token = 2 * cfg.n_kv_heads * cfg.head_dim * weight.element_size() * model.depth
+        # KV strategy: a depth reads its own cache, or (recursive KV sharing) loop 0's; recursion-wise
+        # caching leaves the entries of tokens that skipped a step empty
+        kv_source = [model.kv_source(d) if hasattr(model, "kv_source") else d for d in range(model.depth)]
+        recursion_wise = getattr(cfg, "mor_router", "none") != "none" and getattr(cfg, "mor_kv", "") == "recursion"
+        per_token = 2 * cfg.n_kv_heads * cfg.head_dim * weight.element_size() * len(set(kv_source))
         memory = config.kv_cache_memory or min(DEFAULT_KV_MEMORY, config.max_num_seqs * self.max_model_len * per_token)
         self.kv = KVCacheManager(model.depth, cfg.n_kv_heads, cfg.head_dim, block_size=config.block_size,
-                                 memory_bytes=memory, dtype=weight.dtype, device=weight.device)
+                                 memory_bytes=memory, dtype=weight.dtype, device=weight.device,
+                                 cache_layer_of=kv_source, track_filled=recursion_wise)
         # tokens at depths that run the same unique layer batch together; per-depth adapters
-        # (relaxed recursion) make a depth its own group
+        # (relaxed recursion) make a depth its own group, and depths that read a shared KV cache
+        # (and compute no keys/values) group apart from the depths that write it
         adapters = getattr(model, "adapters", None)
-        keys = [d_layer if adapters is None or adapters(d) is None else -1 - d
-                for d, d_layer in enumerate(model.depth_to_layer)]
-        self.scheduler = Scheduler(config, self.kv, make_policy(config.policy), keys)
+        keys = [-1 - d if adapters is not None and adapters(d) is not None
+                else layer if kv_source[d] == d else model.depth + layer
+                for d, layer in enumerate(model.depth_to_layer)]
+        self.scheduler = Scheduler(config, self.kv, make_policy(config.policy, keys, config.max_num_batched_tokens), keys)
         self.runner = ModelRunner(model, self.kv)
+        self.router = make_router(model, self.runner, exit_policy)
+        self.num_output_tokens = 0
+        self.sum_exit_depth = 0
         self.seqs: dict[str, Sequence] = {}
 
     # ---- requests ------------------------------------------------------------------------------
@@ -107,19 +122,23 @@ class LLMEngine:
             if self.has_unfinished():
                 raise RuntimeError("engine made no progress with unfinished requests (scheduler bug)")
             return []
+        fresh = [s for s in group if s.hidden is None]
+        if fresh:   # chunks entering depth 0
+            self.runner.embed(fresh)
+            self.router.arrive(fresh)
         self.runner.run_stage(group)
-        exited = [s for s in group if s.depth == self.model.depth]
-        for s in exited:
+        done = self.router.arrive(group)
+        ready = [(s, row) for s, row in done if row is not None]
+        tokens = sample_rows(torch.stack([row for _, row in ready]), [s.params for s, _ in ready],
+                             [s.generator for s, _ in ready]) if ready else []
+        for s, _ in done:
             s.num_cached = s.chunk_end
-        ready = [s for s in exited if s.num_cached == s.num_tokens]
-        tokens = []
-        if ready:
-            logits = self.runner.run_head(ready)
-            tokens = sample_rows(logits, [s.params for s in ready], [s.generator for s in ready])
-        for s in exited:
             s.end_chunk()
         outputs = []
-        for s, token in zip(ready, tokens):
+        for (s, _), token in zip(ready, tokens):
+            s.exit_depths.append(s.exit_depth)
+            self.num_output_tokens += 1
+            self.sum_exit_depth += s.exit_depth
             self._append(s, token)
             outputs.append(self._output(s))
             if s.finish_reason is not None:
@@ -153,7 +172,7 @@ class LLMEngine:
         end = max(end, s.num_sent_chars)
         out_ids = s.output_token_ids
         out = RequestOutput(s.request_id, s.prompt, s.prompt_token_ids, out_ids, s.text, finished, s.finish_reason,
-                            out_ids[s.num_sent_tokens:], s.text[s.num_sent_chars:end])
+                            out_ids[s.num_sent_tokens:], s.text[s.num_sent_chars:end], list(s.exit_depths))
         s.num_sent_tokens, s.num_sent_chars = len(out_ids), end
         return out
 
@@ -163,6 +182,11 @@ class LLMEngine:
             "stage_runs": runs,
             "stage_tokens": self.runner.num_stage_tokens,
             "tokens_per_stage_run": self.runner.num_stage_tokens / runs if runs else 0.0,
+            "head_tokens": self.runner.num_head_tokens,
+            "output_tokens": self.num_output_tokens,
+            "mean_exit_depth": self.sum_exit_depth / self.num_output_tokens if self.num_output_tokens else 0.0,
+            "model_depth": self.model.depth,
+            "kv_entries_written": self.kv.entries_written,
             "preemptions": self.scheduler.num_preemptions,
             "kv_bytes_per_token": self.kv.kv_bytes_per_token,
             "kv_blocks": self.kv.num_blocks,

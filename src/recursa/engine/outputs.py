@@ -15,3 +15,4 @@ class RequestOutput:
     finish_reason: str | None = None     # "stop" (eos, stop id or stop string) or "length"
     delta_token_ids: list[int] = field(default_factory=list)   # new since the previous step's output
     delta_text: str = ""
+    exit_depths: list[int] = field(default_factory=list)      # per output token: depth (stage passes) behind it

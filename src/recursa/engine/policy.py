@@ -2,13 +2,24 @@
 
 Tokens waiting at depths that map to the same unique layer (`model.depth_to_layer`) share
 weights, so they form one *stage group* and run together. A policy sees the groups
-{layer: [sequences whose in-flight chunk waits there]} and returns the layer to run.
+{key: [sequences whose in-flight tokens wait there]} and returns the key to run; keys are
+ordered like the stages' first depths.
 
-- DepthwisePolicy: continuous depth-wise batching. New tokens enter depth 0 every step and the
-  fullest stage runs (ties: the deepest, so requests finish and free memory sooner).
-- SynchronousPolicy: the baseline every anchor uses. A batch enters together and steps through
-  all depths; tokens that finish wait, and no new token enters until the whole batch has exited.
-Both give identical outputs; only the order of work (hence speed) differs.
+- DepthwisePolicy ("depthwise", the default): continuous depth-wise batching as a *sweep* over
+  the depths. New tokens enter depth 0 every step; the engine visits depths 0, 1, .., L-1 and
+  round again, and the run at depth d takes every token waiting at d's stage (unique layer),
+  whatever its request or loop — so one run of a shared layer serves the new tokens at loop 0
+  and the old ones at loop 2, a request whose token stopped early starts its next token while
+  others still loop, and depths with nobody waiting are skipped. When the token budget binds
+  (stages with a budget's worth of tokens waiting), the sweep visits only those, so every run
+  is full; when it does not, a sweep costs no more runs than a synchronous round.
+- FullestPolicy ("fullest"): always run the stage with the most waiting tokens (ties: the
+  deepest). The obvious greedy rule; it fragments the batch, because a token that leaves a
+  crowded stage starts a new small group behind it.
+- SynchronousPolicy ("synchronous"): the baseline every anchor uses. A batch enters together
+  and steps through all depths; tokens that finish wait, and no new token enters until the
+  whole batch has exited.
+All give identical outputs; only the order of work (hence speed) differs.
 """
 from __future__ import annotations
 
@@ -26,18 +37,39 @@ class StagePolicy(ABC):
 
     @abstractmethod
     def pick(self, groups: dict[int, list[Sequence]]) -> int:
-        """The layer whose waiting tokens run next (groups is non-empty)."""
+        """The stage key whose waiting tokens run next (groups is non-empty)."""
 
 
 class DepthwisePolicy(StagePolicy):
     name = "depthwise"
 
+    def __init__(self, stage_keys: list[int], token_budget: int):
+        self.order = list(stage_keys)    # the sweep: depth d's stage, for d = 0 .. L-1
+        self.budget = token_budget
+        self.last = -1
+
     def admit(self, running):
         return True
 
     def pick(self, groups):
-        return max(groups, key=lambda layer: (sum(s.chunk_len for s in groups[layer]),
-                                              max(s.depth for s in groups[layer])))
+        full = {k for k, g in groups.items() if sum(s.chunk_len for s in g) >= self.budget}
+        n = len(self.order)
+        for step in range(1, n + 1):     # the next depth of the sweep whose stage has (enough) waiting tokens
+            i = (self.last + step) % n
+            if self.order[i] in (full or groups):
+                self.last = i
+                return self.order[i]
+        raise ValueError("no waiting stage group")
+
+
+class FullestPolicy(StagePolicy):
+    name = "fullest"
+
+    def admit(self, running):
+        return True
+
+    def pick(self, groups):
+        return max(groups, key=lambda key: (sum(s.chunk_len for s in groups[key]), max(s.depth for s in groups[key])))
 
 
 class SynchronousPolicy(StagePolicy):
@@ -47,8 +79,11 @@ class SynchronousPolicy(StagePolicy):
         return not any(s.in_flight for s in running)
 
     def pick(self, groups):
-        return min(groups, key=lambda layer: min(s.depth for s in groups[layer]))
+        return min(groups, key=lambda key: min(s.depth for s in groups[key]))
 
 
-def make_policy(name: str) -> StagePolicy:
-    return {"depthwise": DepthwisePolicy, "synchronous": SynchronousPolicy}[name]()
+def make_policy(name: str, stage_keys: list[int], token_budget: int) -> StagePolicy:
+    """The policy `name` for a model whose depth d runs the stage `stage_keys[d]`, runs of <= token_budget tokens."""
+    if name == "depthwise":
+        return DepthwisePolicy(stage_keys, token_budget)
+    return {"fullest": FullestPolicy, "synchronous": SynchronousPolicy}[name]()

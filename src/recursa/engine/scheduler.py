@@ -45,8 +45,8 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
-        seq.end_chunk()
-        seq.num_cached, seq.status = 0, SequenceStatus.WAITING
+        seq.reset_cache_state()
+        seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -1,0 +1,106 @@
+"""Mixture-of-Recursions models through the batching engine: exact, with per-token depths.
+
+Reference: `model.forward_mor(ids, mode="causal")` — one plain full-sequence forward of the final
+token sequence under the causal routing rule (recursa.model.mor). For both routers, both KV
+strategies and Cycle / Middle-Cycle sharing, with requests of different prompt lengths arriving
+at different steps and chunked prefill, the engine must take the same routing decision for every
+position (recursion steps run), emit the same greedy tokens, and its logits must be within 1e-4.
+Depth-wise and synchronous policies give identical outputs.
+"""
+import pytest
+import torch
+
+import recursa
+from recursa import SamplingParams
+from recursa.config import ModelConfig, preset
+from recursa.engine.depth_router import steps_run
+from recursa.model import Decoder
+
+if "mor_router" not in ModelConfig.__dataclass_fields__:
+    pytest.skip("this tree has no Mixture-of-Recursions yet", allow_module_level=True)
+
+PROMPTS = [[5, 17, 99, 3, 250], list(range(1, 30)), [7] * 9, [300, 2, 3, 4] * 3]
+ARRIVAL = [0, 2, 7, 15]
+MAX_TOKENS = 10
+
+
+def _model(router: str, kv: str, sharing: str) -> Decoder:
+    n_layers = 6 if sharing == "cycle" else 8          # K = 2 shared layers x Nr = 3 (+ first and last)
+    torch.manual_seed(11)
+    model = Decoder(preset("tiny", n_layers=n_layers, sharing=sharing, n_loops=3, mor_router=router,
+                           mor_kv=kv, init_std=0.2)).eval()
+    with torch.no_grad():   # decisive routers: scores far from the threshold, so decisions are robust
+        for p in model.router.parameters():
+            if p.dim() > 1:
+                p.normal_(std=1.0)
+    return model
+
+
+def _run(llm, record, max_tokens=MAX_TOKENS):
+    real = llm.router.arrive
+
+    def arrive(seqs):
+        done = real(seqs)
+        for s, row in done:
+            if row is not None:
+                record[(s.request_id, s.num_tokens - s.num_prompt_tokens)] = row
+            if s.chunk_end == s.num_tokens:
+                record[(s.request_id, "steps")] = steps_run(s)
+        return done
+
+    llm.router.arrive = arrive
+    done, step, added = {}, 0, 0
+    while added < len(PROMPTS) or llm.has_unfinished():
+        while added < len(PROMPTS) and ARRIVAL[added] <= step:
+            llm.add_request(str(added), PROMPTS[added],
+                            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            added += 1
+        done.update({o.request_id: o for o in llm.step() if o.finished})
+        step += 1
+    return [done[str(i)] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("sharing", ["cycle", "middle_cycle"])
+@pytest.mark.parametrize("kv", ["recursion", "share"])
+@pytest.mark.parametrize("router", ["expert", "token"])
+def test_engine_mor_equals_full_forward(router, kv, sharing):
+    model = _model(router, kv, sharing)
+    outputs = {}
+    for policy in ("depthwise", "synchronous"):
+        record = {}
+        llm = recursa.LLM(model, policy=policy, max_num_batched_tokens=12, kv_cache_memory=2**20)
+        outs = _run(llm, record)
+        all_steps = set()
+        for r, out in enumerate(outs):
+            ids = PROMPTS[r] + out.token_ids
+            with torch.no_grad():
+                logits, info = model.forward_mor(torch.tensor([ids[:-1]]), mode="causal")
+            ref_steps = torch.stack(info["selected"]).sum(0)[0].tolist()   # steps run per position
+            assert out.token_ids == logits[0, len(PROMPTS[r]) - 1:].argmax(-1).tolist(), f"{policy} request {r}"
+            engine_steps = record[(str(r), "steps")]
+            assert [engine_steps[p] for p in range(len(ids) - 1)] == ref_steps, f"{policy} request {r}"
+            worst = max((record[(str(r), i)] - logits[0, len(PROMPTS[r]) - 1 + i]).abs().max().item()
+                        for i in range(len(out.token_ids)))
+            assert worst <= 1e-4
+            all_steps.update(ref_steps)
+            outside = 0 if sharing == "cycle" else 2
+            assert out.exit_depths == [outside + 2 * ref_steps[len(PROMPTS[r]) - 1 + i]
+                                       for i in range(len(out.token_ids))]
+        assert len(all_steps) >= 2, "routing must send tokens to different depths for this test to mean anything"
+        outputs[policy] = [o.token_ids for o in outs]
+        stats = llm.stats()
+        assert stats["kv_free_blocks"] == stats["kv_blocks"]
+    assert outputs["depthwise"] == outputs["synchronous"]
+
+
+def test_engine_mor_kv_memory():
+    """KV sharing reserves one cache layer per unique shared layer; recursion-wise caching writes
+    entries only for the tokens that ran a step (fewer than full depth)."""
+    full = 6
+    shared = recursa.LLM(_model("expert", "share", "cycle"), kv_cache_memory=2**20)
+    assert shared.kv.num_depths == 2 and shared.kv.kv_bytes_per_token * full == \
+        recursa.LLM(_model("expert", "recursion", "cycle"), kv_cache_memory=2**20).kv.kv_bytes_per_token * 2
+    llm = recursa.LLM(_model("expert", "recursion", "cycle"), kv_cache_memory=2**20)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    tokens = sum(len(p) + len(o.token_ids) - 1 for p, o in zip(PROMPTS, outs))
+    assert llm.stats()["kv_entries_written"] < tokens * full
