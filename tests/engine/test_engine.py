@@ -71,7 +71,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("policy", ["depthwise", "synchronous"])
+@pytest.mark.parametrize("policy", ["depthwise", "fullest", "synchronous"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_equals_full_forward(model, reference, policy, case):
     llm = LLM(model, policy=policy, **CASES[case])

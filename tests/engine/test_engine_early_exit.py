@@ -75,13 +75,19 @@ def _run(llm, record):
     return [done[str(i)] for i in range(len(PROMPTS))]
 
 
+# 4-token block groups at 6 depths x 2 KV heads x 32 dims x 4 bytes x 2 (K, V): 16 of them hold 64 tokens,
+# the longest request needs 11 and three at once need about 22
+PREEMPT = dict(block_size=4, kv_cache_memory=16 * 4 * 6 * 2 * 32 * 4 * 2, max_num_seqs=3)
+
+
 @pytest.mark.parametrize("shape", [dict(), dict(sharing="cycle", n_loops=3)], ids=["vanilla", "recursive"])
-@pytest.mark.parametrize("policy", ["depthwise", "synchronous"])
+@pytest.mark.parametrize("policy", ["depthwise", "synchronous", "preempt"])
 def test_engine_early_exit_equals_full_forward(shape, policy):
     model = _model(**shape)
     spec = ExitSpec((2, 4))
-    llm = recursa.LLM(model, exit_policy=ExitPolicy(spec, measure, Fixed(0.5)), policy=policy,
-                      max_num_batched_tokens=12, kv_cache_memory=2**20)
+    budget = PREEMPT if policy == "preempt" else dict(kv_cache_memory=2**20)
+    llm = recursa.LLM(model, exit_policy=ExitPolicy(spec, measure, Fixed(0.5)),
+                      policy="depthwise" if policy == "preempt" else policy, max_num_batched_tokens=12, **budget)
     record = []
     outs = _run(llm, record)
     rows = {(rid, i): row for rid, i, row in record}
@@ -97,6 +103,7 @@ def test_engine_early_exit_equals_full_forward(shape, policy):
     stats = llm.stats()
     assert stats["kv_free_blocks"] == stats["kv_blocks"]
     assert 2 < stats["mean_exit_depth"] < 6
+    assert (stats["preemptions"] > 0) == (policy == "preempt")
 
 
 def test_engine_early_exit_saves_stage_work():

@@ -104,3 +104,20 @@ def test_engine_mor_kv_memory():
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     tokens = sum(len(p) + len(o.token_ids) - 1 for p, o in zip(PROMPTS, outs))
     assert llm.stats()["kv_entries_written"] < tokens * full
+
+
+@pytest.mark.parametrize("router,kv,sharing", [("expert", "recursion", "middle_cycle"), ("token", "share", "cycle")])
+def test_engine_mor_preemption_keeps_outputs(router, kv, sharing):
+    """A KV pool too small for three requests at once: requests are preempted and recomputed
+    (their prefill re-routes every token), and outputs stay those of the full forward."""
+    model = _model(router, kv, sharing)
+    per_token = recursa.LLM(model, kv_cache_memory=2**20).kv.kv_bytes_per_token
+    llm = recursa.LLM(model, block_size=4, kv_cache_memory=16 * 4 * per_token, max_num_seqs=3,
+                      max_num_batched_tokens=12)
+    record = {}
+    outs = _run(llm, record)
+    for r, out in enumerate(outs):
+        with torch.no_grad():
+            logits, _ = model.forward_mor(torch.tensor([PROMPTS[r] + out.token_ids[:-1]]), mode="causal")
+        assert out.token_ids == logits[0, len(PROMPTS[r]) - 1:].argmax(-1).tolist(), f"request {r}"
+    assert llm.stats()["preemptions"] > 0

@@ -97,8 +97,9 @@ class MoRRouting(FullDepth):
         with torch.inference_mode():
             go, gate = self.model.mor_route(step, h, h_entry)
         sizes = [len(s.positions) for s in seqs]
+        everyone = bool(go.all())   # the common case (always at step 0): one check, not one per request
         for s, g, w, he in zip(seqs, go.split(sizes), gate.split(sizes), h_entry.split(sizes)):
-            if bool(g.all()):
+            if everyone or bool(g.all()):
                 s.h_entry, s.h_start, s.gate = he, s.hidden, w
                 continue
             s.parked.append((s.positions[~g], s.hidden[~g]))

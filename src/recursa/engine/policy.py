@@ -52,7 +52,10 @@ class DepthwisePolicy(StagePolicy):
         return True
 
     def pick(self, groups):
-        full = {k for k, g in groups.items() if sum(s.chunk_len for s in g) >= self.budget}
+        sizes = {k: sum(s.chunk_len for s in g) for k, g in groups.items()}
+        full = {k for k, n in sizes.items() if n >= self.budget}
+        if not full and sum(sizes.values()) >= self.budget:   # the budget binds but no stage fills it yet
+            full = {max(sizes, key=sizes.get)}
         n = len(self.order)
         for step in range(1, n + 1):     # the next depth of the sweep whose stage has (enough) waiting tokens
             i = (self.last + step) % n

@@ -98,7 +98,7 @@ class Scheduler:
         chosen, budget = [], self.max_num_batched_tokens
         for seq in groups[self.policy.pick(groups)]:
             if chosen and seq.chunk_len > budget:
-                break
+                continue   # first fit: a smaller chunk further on may still fill the run
             chosen.append(seq)
             budget -= seq.chunk_len
         return chosen
