@@ -5,8 +5,12 @@ loaded by transformers' AutoModelForCausalLM), greedy, every request producing e
 --new-tokens tokens. Two loads: one request at a time (batch 1, --single-requests requests in
 turn) and --concurrency requests submitted together. For each run: output tokens/s,
 requests/s, TTFT and TPOT (p50/p99; TPOT = (E2E - TTFT) / (n_out - 1)), mean tokens per stage
-run (recursa), KV bytes per token, and whether the greedy tokens equal transformers'. Prints a
-table, then one JSON line with the configuration and git revision.
+run (recursa), KV bytes per token, whether the greedy tokens equal transformers', and the CPU
+share (process CPU time / wall time: under --threads means the run waited for a core). Prints a
+table, then a roofline table (benchmarks/roofline.py: the machine's memory bandwidth and matmul
+peak, measured at the start of the run with the same threads; batch-1 decode as a fraction of
+the bandwidth, concurrent decode as a fraction of the matmul peak), then one JSON line with the
+configuration, the roofline numbers and the git revision.
 
     .venv/bin/python benchmarks/throughput.py                                # SmolLM2-135M, 64 new tokens
     .venv/bin/python benchmarks/throughput.py --new-tokens 16 --concurrency 8 --single-requests 1   # quick
@@ -28,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import roofline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["the ocean", "a small town", "machine learning", "the history of Rome", "cooking pasta", "the moon",
@@ -79,7 +86,7 @@ def run_hf(hf, batches: list[list[list[int]]], lengths: list[list[int]], name: s
     from transformers import LogitsProcessorList
 
     token_times, starts, outputs = [], [], []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for batch, lens in zip(batches, lengths):
         new_tokens = max(lens)
         width = max(len(p) for p in batch)
@@ -96,6 +103,8 @@ def run_hf(hf, batches: list[list[list[int]]], lengths: list[list[int]], name: s
             token_times.append(times[:n])
             starts.append(t0)
     res = summarize(name, start, time.perf_counter(), token_times, starts)
+    res["decode_tok_s"] = roofline.decode_rate(token_times)
+    res["cpu_share"] = (time.process_time() - cpu) / (time.perf_counter() - start)
     return res, outputs
 
 
@@ -106,7 +115,7 @@ def run_recursa(model, batches: list[list[list[int]]], lengths: list[list[int]],
 
     llm = LLM(model, **engine_args)
     token_times, starts, outputs = [], [], []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for batch, lens in zip(batches, lengths):
         times = {str(i): [] for i in range(len(batch))}
         final = {}
@@ -124,6 +133,8 @@ def run_recursa(model, batches: list[list[list[int]]], lengths: list[list[int]],
             starts.append(t0)
             outputs.append(final[str(i)])
     res = summarize(name, start, time.perf_counter(), token_times, starts)
+    res["decode_tok_s"] = roofline.decode_rate(token_times)
+    res["cpu_share"] = (time.process_time() - cpu) / (time.perf_counter() - start)
     stats = llm.stats()
     res["tokens_per_stage_run"] = stats["tokens_per_stage_run"]
     res["kv_bytes_per_token"] = stats["kv_bytes_per_token"]
@@ -141,6 +152,10 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="recursa only (no transformers needed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # the machine's ceilings, first, while nothing of this run is in memory
+    ceilings = roofline.Ceilings.measure(args.threads)
+    print(f"  memory bandwidth {ceilings.bandwidth / 1e9:.1f} GB/s, matmul peak {ceilings.matmul / 1e9:.1f} GFLOP/s",
+          file=sys.stderr)
 
     from recursa.data.tokenizer import load_tokenizer
     from recursa.model import load
@@ -173,9 +188,11 @@ def main() -> None:
         run_hf(hf, [ids[:2]], [[2, 2]], "warm-up")
     run_recursa(model, [ids[:2]], [[2, 2]], "warm-up", **engine)
     for load_name, (batches, lengths) in loads.items():
+        ctx = roofline.mean_context(batches, lengths)
         if hf is not None:
             res, out = run_hf(hf, batches, lengths, f"hf generate, {load_name}")
             res["kv_bytes_per_token"] = kv_per_token
+            res["roofline"] = roofline.roofline(model, ctx, res["decode_tok_s"], ceilings, res["cpu_share"])
             rows.append(res)
             tokens[("hf", load_name)] = out
             print(f"  {res['run']}: {res['output_tok_s']:.1f} tok/s", file=sys.stderr)
@@ -185,6 +202,7 @@ def main() -> None:
             if hf is not None:
                 ref = tokens[("hf", load_name)]
                 res["same_tokens_as_hf"] = sum(a == b for a, b in zip(out, ref)) / len(ref)
+            res["roofline"] = roofline.roofline(model, ctx, res["decode_tok_s"], ceilings, res["cpu_share"])
             rows.append(res)
             print(f"  {res['run']}: {res['output_tok_s']:.1f} tok/s", file=sys.stderr)
 
@@ -203,6 +221,12 @@ def main() -> None:
             ratios[load_name] = by[f"recursa depthwise, {load_name}"] / by[f"hf generate, {load_name}"]
     for k, v in ratios.items():
         print(f"recursa depthwise / hf generate, {k}: {v:.2f}x")
+    # roofline of the equal-length loads (mixed lengths decode at a shrinking batch: no one ceiling)
+    roof = [dict(run=r["run"], batch1=r["run"].endswith("batch 1"), **r["roofline"])
+            for r in rows if r["run"].endswith(("batch 1", f"{c} concurrent"))]
+    print(roofline.format_table(roof, ceilings))
+    by_run = {r["run"]: r["roofline"] for r in rows}
+    one, many = by_run["recursa depthwise, batch 1"], by_run[f"recursa depthwise, {c} concurrent"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -213,7 +237,15 @@ def main() -> None:
         "max_num_batched_tokens": args.max_num_batched_tokens, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "speedup_vs_hf": ratios, "runs": rows,
+        "speedup_vs_hf": ratios,
+        "roofline": {
+            "bandwidth_bytes_s": ceilings.bandwidth, "matmul_flop_s": ceilings.matmul,
+            "bandwidth_bytes_per_cpu_s": ceilings.bandwidth_cpu, "matmul_flop_per_cpu_s": ceilings.matmul_cpu,
+            "batch1_bandwidth_fraction": one["bandwidth_fraction"],
+            "batch1_bandwidth_fraction_cpu": one["bandwidth_fraction_cpu"],
+            f"concurrent_{c}_flop_fraction": many["flop_fraction"],
+            f"concurrent_{c}_flop_fraction_cpu": many["flop_fraction_cpu"]},
+        "runs": rows,
     }))
 
 

@@ -15,6 +15,15 @@ shared depth on q/k/v/o and gate/up/down, scaled by lora_alpha / rank (1 when lo
 Early exits (`recursa.model.exits`): `exit_depths` lists the depths after which a token may stop
 (the final depth is always an exit); `exit_own_norm` gives each its own RMSNorm (saved with the
 weights), otherwise an exit uses the shared final norm + LM head.
+
+Mixture-of-Recursions (`mor_router` "expert" | "token", see recursa.model.mor): a router decides
+per token how many of the n_loops = Nr recursion steps of a cycle / middle_cycle block it runs.
+`mor_kv` picks recursion-wise KV ("recursion") or recursive KV sharing ("share"); `mor_capacity`
+is the expert-choice capacity per step (default (Nr - r) / Nr); `mor_alpha` / `mor_gate` scale
+the residual branch of a step (None: 0.1·sigmoid for expert, 1.0·softmax for token choice);
+`mor_threshold` is the causal inference rule (continue iff sigmoid(score) > threshold);
+`mor_aux_router` adds a separate router (on detached hidden states) that makes that decision;
+`mor_balance` is the token-choice balancing: "loss" or the loss-free "bias" update.
 """
 from __future__ import annotations
 
@@ -27,6 +36,11 @@ from recursa.errors import RecursaError
 
 CONFIG_FILE = "config.json"
 SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
+MOR_ROUTERS = ("none", "expert", "token")
+MOR_KV = ("recursion", "share")
+MOR_GATES = {"expert": ("sigmoid", "tanh"), "token": ("softmax", "sigmoid")}
+MOR_ARCH = ("linear", "mlp")
+MOR_BALANCE = ("loss", "bias")
 
 
 class ConfigError(RecursaError, ValueError):
@@ -55,6 +69,15 @@ class ModelConfig:
     lora_alpha: float | None = None  # LoRA scale = lora_alpha / rank; None: scale 1
     exit_depths: list[int] = field(default_factory=list)  # early exits after these depths (ascending, < n_layers)
     exit_own_norm: bool = False      # each exit has its own RMSNorm before the shared LM head
+    mor_router: str = "none"         # Mixture-of-Recursions: none | expert | token (recursa.model.mor)
+    mor_kv: str = "recursion"        # recursion (step r attends to tokens that ran step r) | share (step-0 KV)
+    mor_capacity: list[float] | None = None  # expert choice: fraction of the sequence per step; None: (Nr-r)/Nr
+    mor_alpha: float | None = None   # gate scale; None: 0.1 (expert) / 1.0 (token)
+    mor_gate: str | None = None      # expert: sigmoid | tanh; token: softmax | sigmoid; None: the first
+    mor_router_arch: str = "linear"  # linear | mlp (two layers, hidden width dim, GELU; no biases)
+    mor_threshold: float = 0.5       # inference: continue iff sigmoid(router score) > threshold
+    mor_aux_router: bool = False     # expert: a separate router (detached input) makes the causal decision
+    mor_balance: str = "loss"        # token choice: balancing loss | loss-free bias update
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +121,7 @@ class ModelConfig:
                 raise ConfigError(f"{name}={value} is outside the vocabulary (vocab_size={self.vocab_size})")
         self._validate_sharing()
         self._validate_exits()
+        self._validate_mor()
 
     def _validate_exits(self) -> None:
         depths = self.exit_depths
@@ -136,6 +160,69 @@ class ModelConfig:
         if looped < self.n_loops or looped % self.n_loops:
             raise ConfigError(f"n_loops={self.n_loops} must divide the {looped} shared depths of "
                               f"n_layers={self.n_layers} with sharing={self.sharing!r}")
+
+    def _validate_mor(self) -> None:
+        if self.mor_router not in MOR_ROUTERS:
+            raise ConfigError(f"unknown mor_router {self.mor_router!r}; choose from {', '.join(MOR_ROUTERS)}")
+        if self.mor_router == "none":
+            return
+        nr = self.n_loops
+        if self.sharing not in ("cycle", "middle_cycle") or nr < 2:
+            raise ConfigError(f"mor_router={self.mor_router!r} needs sharing cycle or middle_cycle and n_loops >= 2, "
+                              f"got sharing={self.sharing!r}, n_loops={nr}")
+        if self.exit_depths:
+            raise ConfigError("a Mixture-of-Recursions model cannot also have exit_depths (its router picks the depth)")
+        if self.mor_kv not in MOR_KV:
+            raise ConfigError(f"unknown mor_kv {self.mor_kv!r}; choose from {', '.join(MOR_KV)}")
+        gates = MOR_GATES[self.mor_router]
+        if self.mor_gate is not None and self.mor_gate not in gates:
+            raise ConfigError(f"mor_gate for mor_router={self.mor_router!r} must be one of {', '.join(gates)}, "
+                              f"got {self.mor_gate!r}")
+        if self.mor_router_arch not in MOR_ARCH:
+            raise ConfigError(f"unknown mor_router_arch {self.mor_router_arch!r}; choose from {', '.join(MOR_ARCH)}")
+        if self.mor_balance not in MOR_BALANCE:
+            raise ConfigError(f"unknown mor_balance {self.mor_balance!r}; choose from {', '.join(MOR_BALANCE)}")
+        if self.mor_alpha is not None and (isinstance(self.mor_alpha, bool) or not isinstance(self.mor_alpha, (int, float))
+                                           or not self.mor_alpha > 0):
+            raise ConfigError(f"mor_alpha must be positive or null, got {self.mor_alpha!r}")
+        if isinstance(self.mor_threshold, bool) or not isinstance(self.mor_threshold, (int, float)) \
+                or not 0 < self.mor_threshold < 1:
+            raise ConfigError(f"mor_threshold must lie strictly between 0 and 1, got {self.mor_threshold!r}")
+        if not isinstance(self.mor_aux_router, bool):
+            raise ConfigError(f"mor_aux_router must be true or false, got {self.mor_aux_router!r}")
+        if self.mor_aux_router and self.mor_router != "expert":
+            raise ConfigError("mor_aux_router is for expert-choice routing (token choice is causal by construction)")
+        cap = self.mor_capacity
+        if cap is not None:
+            if self.mor_router != "expert":
+                raise ConfigError("mor_capacity is for expert-choice routing only")
+            if not isinstance(cap, (list, tuple)) or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in cap):
+                raise ConfigError(f"mor_capacity must be a list of numbers, got {cap!r}")
+            self.mor_capacity = cap = [float(c) for c in cap]
+            if len(cap) != nr:
+                raise ConfigError(f"mor_capacity needs one fraction per recursion step (n_loops={nr}), got {cap}")
+            if cap[0] != 1.0:
+                raise ConfigError(f"mor_capacity[0] must be 1.0 (every token runs step 0), got {cap}")
+            if any(not 0 < c <= 1 for c in cap) or any(b > a for a, b in zip(cap, cap[1:])):
+                raise ConfigError(f"mor_capacity must be non-increasing fractions in (0, 1], got {cap}")
+
+    @property
+    def is_mor(self) -> bool:
+        return self.mor_router != "none"
+
+    @property
+    def mor_capacities(self) -> list[float]:
+        """Expert-choice capacity per recursion step: mor_capacity or (Nr - r) / Nr."""
+        nr = self.n_loops
+        return list(self.mor_capacity) if self.mor_capacity is not None else [(nr - r) / nr for r in range(nr)]
+
+    def num_router_params(self) -> int:
+        """Router parameters of a Mixture-of-Recursions model (0 otherwise)."""
+        if not self.is_mor:
+            return 0
+        out, n = (1, self.n_loops) if self.mor_router == "expert" else (self.n_loops, 1)
+        one = self.dim * out if self.mor_router_arch == "linear" else self.dim * self.dim + self.dim * out
+        return one * n * (2 if self.mor_aux_router else 1)
 
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict:
@@ -186,7 +273,8 @@ class ModelConfig:
         per_layer = attn + mlp + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         exit_norms = len(self.exit_depths) * self.dim if self.exit_own_norm else 0
-        return self.n_unique_layers * per_layer + emb + self.dim + self.num_lora_params() + exit_norms
+        return (self.n_unique_layers * per_layer + emb + self.dim + self.num_lora_params() + exit_norms
+                + self.num_router_params())
 
     def num_lora_params(self) -> int:
         """LoRA parameters of a relaxed model: one adapter per shared depth and projection."""
@@ -208,6 +296,20 @@ PRESETS: dict[str, dict] = {
     "730m": dict(vocab_size=49152, dim=1536, n_layers=26, n_heads=24, n_kv_heads=8, ffn_dim=4096, max_seq_len=2048),
     "1.7b": dict(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_dim=8192, max_seq_len=2048),
 }
+# Mixture-of-Recursions (Bae et al. 2025): Middle-Cycle sharing, Nr = 3 (expert choice unless named).
+# `mor-tiny` / `mor-small` are the CPU-sized shapes (8 depths: 1 + 3 loops x 2 layers + 1); the
+# 135m / 360m ones keep the paper's widths; 135m uses 29 depths so that 3 divides the looped 27.
+_MOR = dict(sharing="middle_cycle", n_loops=3, mor_router="expert")
+PRESETS.update({
+    "mor-tiny": {**PRESETS["tiny"], **_MOR, "n_layers": 8},
+    "mor-tiny-token": {**PRESETS["tiny"], **_MOR, "n_layers": 8, "mor_router": "token"},
+    "mor-tiny-share": {**PRESETS["tiny"], **_MOR, "n_layers": 8, "mor_kv": "share"},
+    "mor-small": {**PRESETS["small"], **_MOR, "n_layers": 8},
+    "mor-small-token": {**PRESETS["small"], **_MOR, "n_layers": 8, "mor_router": "token"},
+    "mor-135m": {**PRESETS["135m"], **_MOR, "n_layers": 29},
+    "mor-360m": {**PRESETS["360m"], **_MOR, "n_layers": 32},
+    "mor-360m-2": {**PRESETS["360m"], **_MOR, "n_layers": 32, "n_loops": 2},
+})
 
 
 def preset(name: str, **overrides) -> ModelConfig:

@@ -1,15 +1,12 @@
-"""Confidence measures, the exit classifier, and the three thresholds (FREE's Beta mixture fit)."""
+"""Confidence measures and the thresholds (FREE's Beta mixture fit, one estimator per exit)."""
 import math
 
 import pytest
 import torch
 
-from recursa.config import preset
-from recursa.engine.confidence import (ExitClassifier, classifier_data, confidence, features, margin, max_prob,
-                                       saturation, train_exit_classifier)
-from recursa.engine.thresholds import BetaMixture, CALMDecay, Fixed, make_threshold
+from recursa.engine.confidence import confidence, features, margin, max_prob, saturation
+from recursa.engine.thresholds import BetaMixture, CALMDecay, Fixed, PerExit, make_threshold
 from recursa.errors import RecursaError
-from recursa.model import Decoder
 
 
 def test_measures_by_hand():
@@ -18,40 +15,13 @@ def test_measures_by_hand():
     assert float(margin(logits)) == pytest.approx(0.2)
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
     assert float(saturation(a, b)) == pytest.approx(1 / math.sqrt(2))
-    assert confidence("margin")(logits, a, b) == pytest.approx(0.2)
-    assert confidence("saturation")(logits, a, a) == pytest.approx(1.0)
+    assert confidence("margin")(logits, a, b, 2) == pytest.approx(0.2)
+    assert confidence("saturation")(logits, a, a, 2) == pytest.approx(1.0)
     assert features(logits, a, b).tolist() == pytest.approx([0.5, 0.2, 1 / math.sqrt(2)])
     with pytest.raises(RecursaError):
         confidence("entropy")
-
-
-def test_exit_classifier_learns_a_separable_rule():
-    torch.manual_seed(0)
-    n, dim = 2000, 8
-    hidden = torch.randn(n, dim)
-    feats = torch.rand(n, 3)
-    labels = (feats[:, 0] > 0.5).float()  # agreement decided by the max-prob feature
-    clf = ExitClassifier(dim, hidden_dim=16)
-    losses = train_exit_classifier(clf, hidden, feats, labels, steps=300, lr=1e-2)
-    assert losses[-1] < 0.5 * losses[0]
-    with torch.no_grad():
-        acc = ((clf(hidden, feats) > 0).float() == labels).float().mean()
-    assert acc > 0.9
-    score = confidence(clf)(torch.log(torch.tensor([0.9, 0.05, 0.05])), hidden[0], hidden[0])
-    assert 0.0 <= score <= 1.0
-
-
-def test_classifier_data_labels_match_argmax_agreement():
-    torch.manual_seed(0)
-    model = Decoder(preset("tiny", n_layers=3, vocab_size=128)).eval()
-    ids = torch.randint(0, 128, (2, 10))
-    h, f, y = classifier_data(model, ids, depth=1)
-    assert h.shape == (20, model.cfg.dim) and f.shape == (20, 3) and y.shape == (20,)
-    hidden = model.forward_hidden(ids)
-    ref = (model.head(hidden[1]).argmax(-1) == model.head(hidden[3]).argmax(-1)).float().flatten()
-    assert torch.equal(y, ref)
-    with pytest.raises(RecursaError):
-        classifier_data(model, ids, depth=3)
+    with pytest.raises(RecursaError, match="load_exit_classifier"):
+        confidence("classifier")  # a name alone has no weights
 
 
 def test_fixed_and_calm_decay():
@@ -112,3 +82,34 @@ def test_beta_mixture_waits_for_samples():
     assert est(0) == 0.8 and est.fit() is None
     with pytest.raises(RecursaError):
         BetaMixture(zeta=1.5)
+
+
+def test_free_threshold_has_one_estimator_per_exit():
+    """Each exit depth fits its own mixture from its own pairs: thresholds and fits differ per exit."""
+    torch.manual_seed(2)
+    thr = make_threshold("free", 0.7, zeta=0.9)
+    assert isinstance(thr, PerExit)
+    samples = {10: ((8.0, 2.0), (2.0, 5.0)), 20: ((20.0, 2.0), (5.0, 3.0))}
+    for depth, (a, d) in samples.items():
+        for c in torch.distributions.Beta(*a).sample((3000,)):
+            thr.observe(float(c), True, depth)
+        for c in torch.distributions.Beta(*d).sample((3000,)):
+            thr.observe(float(c), False, depth)
+    assert set(thr.by_depth) == {10, 20}
+    for depth, ((aa, ab), (da, db)) in samples.items():
+        fa, fd, prior = thr.at(depth).fit()
+        assert fa.alpha == pytest.approx(aa, rel=0.15) and fa.beta == pytest.approx(ab, rel=0.15)
+        assert fd.alpha == pytest.approx(da, rel=0.15) and fd.beta == pytest.approx(db, rel=0.15)
+        assert thr.at(depth).agree.n == thr.at(depth).disagree.n == 3000
+    # the same zeta gives different thresholds: the depth-20 disagreements sit at higher confidence
+    assert thr(0, 20) != thr(0, 10) and thr(0, 20) > thr(0, 10)
+    ref = BetaMixture(zeta=0.9)
+    torch.manual_seed(2)
+    for c in torch.distributions.Beta(8.0, 2.0).sample((3000,)):
+        ref.observe(float(c), True)
+    for c in torch.distributions.Beta(2.0, 5.0).sample((3000,)):
+        ref.observe(float(c), False)
+    assert thr(0, 10) == ref(0)  # exactly the single estimator fed only with depth 10's pairs
+    assert make_threshold("free", 0.7)(0, 5) == 0.7  # an exit not seen yet starts at the initial value
+    with pytest.raises(RecursaError):
+        make_threshold("free", 0.7, zeta=1.2)

@@ -5,7 +5,7 @@ import torch
 from recursa.config import preset
 from recursa.engine.early_exit import EarlyExitDecoder, ExitPolicy, early_exit_generate
 from recursa.engine.generate import generate
-from recursa.engine.thresholds import BetaMixture, Fixed
+from recursa.engine.thresholds import Fixed, make_threshold
 from recursa.errors import RecursaError
 from recursa.model import Decoder
 from recursa.model.exits import ExitHeads, ExitSpec, ExitSpecError, exit_logits
@@ -139,11 +139,66 @@ def test_copy_exit_kv_equals_projection_of_copied_state(model):
     torch.testing.assert_close(dec.cache[3][0][:, :, p:p + 1], k, atol=1e-5, rtol=0)
 
 
-def test_free_threshold_learns_from_deep_passes(model):
-    thr = BetaMixture(zeta=0.9, initial=0.5, min_samples=3)
-    res = early_exit_generate(model, PROMPT, 60, ExitPolicy(ExitSpec((1,)), "max_prob", thr), "parallel")
-    assert len(res.tokens) == 60
-    assert thr.agree.n + thr.disagree.n == sum(d == model.depth for d in res.exit_depths) - 1
+class Recorder:
+    """A fixed threshold that records every (depth, confidence, agreed) pair the decoder observes."""
+
+    def __init__(self, value):
+        self.value, self.pairs = value, []
+
+    def __call__(self, step, depth):
+        return self.value
+
+    def observe(self, confidence, agreed, depth):
+        self.pairs.append((depth, confidence, agreed))
+
+
+def test_every_exit_is_labelled_by_deep_passes(model):
+    """Parallel: every fed token, exited or not, labels each exit it passed once its deep pass ran;
+    the labels equal exit argmax == final argmax of a full forward over the same sequence."""
+    thr = Recorder(0.5)
+    dec = EarlyExitDecoder(model, PROMPT, 40, ExitPolicy(ExitSpec((1, 2)), "max_prob", thr), "parallel")
+    res = dec.run()
+    assert 0 < sum(d < model.depth for d in res.exit_depths) < 39
+    dec.complete_kv()
+    ids = PROMPT + dec.tokens[:-1]
+    with torch.no_grad():
+        hidden = model.forward_hidden(torch.tensor([ids]))
+        final = model.head(hidden[-1][0]).argmax(-1)
+        want = []
+        for i in range(len(dec.tokens) - 1):  # token i is fed at position P + i; its output has depth depths[i+1]
+            p = len(PROMPT) + i
+            for e in (1, 2):
+                if e <= dec.depths[i + 1]:
+                    z = exit_logits(model, hidden[e][0, p], e)
+                    want.append((e, float(torch.softmax(z, -1).max()), int(z.argmax()) == int(final[p])))
+    got, want = sorted(thr.pairs), sorted(want)
+    assert [(d, a) for d, _, a in got] == [(d, a) for d, _, a in want]
+    assert [c for _, c, _ in got] == pytest.approx([c for _, c, _ in want], abs=1e-4)
+    assert sum(1 for d, _, _ in thr.pairs if d == 1) == len(dec.tokens) - 1  # exited tokens included
+
+
+def test_free_threshold_is_per_exit_in_the_decoder(model):
+    thr = make_threshold("free", 0.5, zeta=0.9, min_samples=3)
+    res = early_exit_generate(model, PROMPT, 60, ExitPolicy(ExitSpec((1, 2)), "max_prob", thr), "parallel")
+    assert len(res.tokens) == 60 and set(thr.by_depth) == {1, 2}
+    n1 = thr.at(1).agree.n + thr.at(1).disagree.n
+    n2 = thr.at(2).agree.n + thr.at(2).disagree.n
+    assert 0 < n2 < n1  # tokens that exit at depth 1 never label the depth-2 exit
+
+
+def test_layer_accounting_per_strategy(model):
+    """copy runs one layer per exited token plus K/V-only projections above; parallel catches up exactly."""
+    n, L = 8, model.depth
+    copy = early_exit_generate(model, PROMPT, n, ExitPolicy(ExitSpec((1,)), "max_prob", Fixed(0.0)), "copy")
+    assert copy.exit_depths == [L] + [1] * (n - 1)
+    assert copy.layer_tokens == n - 1 and copy.kv_layer_tokens == (n - 1) * (L - 1)
+    dec = EarlyExitDecoder(model, PROMPT, n, ExitPolicy(ExitSpec((1,)), "max_prob", Fixed(0.0)), "parallel")
+    res = dec.run()
+    assert res.layer_tokens == n - 1 and res.kv_layer_tokens == 0
+    dec.complete_kv()
+    assert dec.stats["layer_tokens"] == (n - 1) * L
+    full = early_exit_generate(model, PROMPT, n, ExitPolicy(ExitSpec((1,)), "max_prob", Fixed(1.1)), "copy")
+    assert full.layer_tokens == (n - 1) * L and full.kv_layer_tokens == 0
 
 
 def test_stop_ids_and_errors(model):
@@ -190,10 +245,10 @@ def test_parallel_and_speculative_on_a_recursive_model():
 
 @pytest.mark.parametrize("measure", ["margin", "saturation", "classifier"])
 def test_every_measure_drives_the_decoder(model, measure):
-    from recursa.engine.confidence import ExitClassifier
+    from recursa.engine.exit_classifier import ExitClassifier
     from recursa.engine.thresholds import CALMDecay
 
-    m = ExitClassifier(model.cfg.dim) if measure == "classifier" else measure
+    m = ExitClassifier(model.cfg.dim, (1, 2)) if measure == "classifier" else measure
     never = early_exit_generate(model, PROMPT, 12, ExitPolicy(ExitSpec((1, 2)), m, Fixed(1.1)), "copy")
     assert never.tokens == generate(model, PROMPT, 12)
     always = early_exit_generate(model, PROMPT, 12, ExitPolicy(ExitSpec((2,)), m, CALMDecay(-1.0, 1.0, 12)),

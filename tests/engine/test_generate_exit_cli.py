@@ -28,7 +28,7 @@ def _table(out: str) -> list[int]:
 
 
 def test_strategies_match_the_decoder():
-    assert STRATEGIES == early_exit.STRATEGIES
+    assert STRATEGIES is early_exit.STRATEGIES  # one definition, imported by the CLI
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -78,3 +78,22 @@ def test_model_without_exits_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", str(tmp_path), "--prompt", "a", "--exit-strategy", "nope"])
     assert e.value.code == 2
+
+
+def test_parallel_runs_several_prompts_in_the_engine(exit_model_dir, capsys):
+    args = ["generate", str(exit_model_dir), "--prompt", "the cat", "--prompt", "once upon a time",
+            "--max-tokens", "6", "--exit-strategy", "parallel", "--exit-threshold", "0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert _table(out) == [4, 1, 1, 1, 1, 1] * 2        # both requests, each token after the first exits at 1
+    assert out.count("mean depth 1.50 of 4 layers") == 2
+
+
+def test_mor_model_reports_router_depths(tmp_path, capsys):
+    tok = train_tokenizer(["the cat sat on the mat. " * 40, "once upon a time there was a sea"], vocab_size=300)
+    torch.manual_seed(3)
+    Decoder(preset("mor-tiny", vocab_size=tok.vocab_size)).save(tmp_path)
+    tok.save(tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "the cat", "--max-tokens", "5"]) == 0
+    depths = _table(capsys.readouterr().out)
+    assert len(depths) == 5 and set(depths) <= {4, 6, 8}   # 1 + 2 x (1..3 recursion steps) + 1

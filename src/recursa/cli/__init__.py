@@ -11,7 +11,7 @@ import sys
 
 from recursa.errors import RecursaError
 
-COMMANDS = ["data", "train", "convert", "generate", "eval", "models"]
+COMMANDS = ["data", "train", "convert", "generate", "eval", "models", "exit_classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,8 +7,11 @@
         --distill-from models/smollm2-135m --distill-weight 1 --loop-exit-weight 0.1 --max-minutes 10
     recursa train --data data/corpus-smollm --out runs/exits --init models/smollm2-135m \
         --exit-depths 10,20 --exit-own-norm --freeze-backbone --exit-weight 1 --max-steps 200
+    recursa train --data data/corpus --out runs/mor --preset mor-tiny --max-minutes 4 --threads 1
     recursa train --data data/corpus --out runs/ee --preset small --exit-depths 2,4 --exit-weight 0.3 \
         --exit-curriculum rotational --exit-kd-weight 0.1 --max-minutes 4
+    recursa train --data data/corpus --out runs/ls --preset small --exit-depths 2,4 --exit-weight 0.3 \
+        --layer-drop 0.2 --max-minutes 4                                  # + LayerSkip layer dropout
     torchrun --standalone --nproc-per-node 2 -m recursa.cli train ... --parallel fsdp
 
 Writes <out>/metrics.jsonl, <out>/checkpoint/, <out>/model/ and <out>/summary.json.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from recursa.train.config import CURRICULA, DTYPES, PARALLEL, SCHEDULES, TrainConfig
+from recursa.train.config import CURRICULA, DTYPES, LAYER_DROP_SCHEDULES, PARALLEL, SCHEDULES, TrainConfig
 
 
 def _depths(text: str) -> list[int]:
@@ -79,6 +82,14 @@ def register(subparsers) -> None:
                    help="weight of FREE's layer-wise hidden-state distillation to the first exit")
     x.add_argument("--freeze-backbone", action="store_true",
                    help="train only the exits' own norms (needs --exit-own-norm exits)")
+    x.add_argument("--layer-drop", type=float, default=0.0,
+                   help="LayerSkip layer dropout: per-sample drop rate of the last layer, rising from 0 at the first")
+    x.add_argument("--layer-drop-schedule", choices=LAYER_DROP_SCHEDULES, default="exp",
+                   help="how the drop rate rises with depth (default: exp, as LayerSkip)")
+    m = p.add_argument_group("Mixture-of-Recursions routers (train/mor_losses.py; MoR presets only)")
+    for flag in ("router_bce_weight", "router_z_weight", "router_balance_weight", "router_bias_rate"):
+        m.add_argument("--" + flag.replace("_", "-"), type=float, default=d[flag].default,
+                       help=f"(default: {d[flag].default})")
     p.set_defaults(func=run)
 
 

@@ -21,8 +21,17 @@ in the layers it skipped, so those layers need its K/V. The strategies:
   greedy decoding token for token.
 
 The prompt's last position always runs full depth (prefill fills every layer anyway), so the
-first new token is a full-depth prediction. FREE's estimator observes (confidence at the first
-exit, first-exit argmax == deep argmax) from every token that goes to full depth.
+first new token is a full-depth prediction. Every exit a token passes (or exits at) yields a
+(confidence, exit argmax == deep argmax) pair for the threshold's `observe(c, agreed, depth)`
+once that token's full-depth prediction is computed: when it goes deep itself, or, for
+"parallel" and "speculative", when a later deep pass carries it up from the stack (speculative:
+only up to the first rejected draft). FREE's estimator (thresholds.PerExit) keeps one Beta
+mixture per exit depth from them. Exited tokens under "copy" never reach full depth: no pairs.
+
+Cost accounting (`EarlyExitResult`): `layer_tokens` counts full layer forwards (attention + MLP)
+of one token after prefill, catch-up and re-verification included; `kv_layer_tokens` counts the
+K/V-only projections "copy" runs for an exited token's skipped layers (norm + k/v projections,
+a small fraction of a layer), kept apart so mean cost is not overstated.
 
     policy = ExitPolicy(ExitSpec((2,)), "max_prob", Fixed(0.8))
     result = early_exit_generate(model, prompt_ids, 64, policy, strategy="parallel")
@@ -35,7 +44,8 @@ from typing import Sequence
 
 import torch
 
-from recursa.engine.confidence import Confidence, ExitClassifier, confidence
+from recursa.engine.confidence import Confidence, confidence
+from recursa.engine.exit_classifier import ExitClassifier
 from recursa.engine.sampling import sample
 from recursa.errors import RecursaError
 from recursa.model.decoder import Decoder
@@ -48,7 +58,7 @@ STRATEGIES = ("copy", "parallel", "speculative")
 class ExitPolicy:
     spec: ExitSpec
     measure: str | ExitClassifier | Confidence = "max_prob"
-    threshold: object = None  # thresholds.Fixed / CALMDecay / BetaMixture: __call__(step), observe(c, agreed)
+    threshold: object = None  # thresholds.Fixed / CALMDecay / PerExit: __call__(step, depth), observe(c, agreed, depth)
     heads: ExitHeads | None = None
 
     def __post_init__(self):
@@ -63,7 +73,8 @@ class EarlyExitResult:
     tokens: list[int]
     exit_depths: list[int]           # per emitted token: layers run for the prediction it was emitted from
     n_layers: int
-    layer_tokens: int = 0            # token-layer forwards actually executed after prefill, catch-up included
+    layer_tokens: int = 0            # full token-layer forwards executed after prefill, catch-up included
+    kv_layer_tokens: int = 0         # copy: K/V-only projections for exited tokens' skipped layers
     drafted: int = 0                 # speculative: drafts produced / accepted
     accepted: int = 0
 
@@ -83,6 +94,7 @@ class _Pending:
     depth: int            # its K/V exists for layers < depth
     h: torch.Tensor       # [D] hidden state after `depth` layers
     pred: int             # the token emitted from it (its prediction at its exit)
+    obs: list             # (exit depth, confidence, exit argmax) at every exit it passed, its own last
 
 
 class EarlyExitDecoder:
@@ -122,7 +134,7 @@ class EarlyExitDecoder:
         self.tokens: list[int] = []
         self.depths: list[int] = []
         self.prompt_len = len(prompt_ids)
-        self.stats = {"layer_tokens": 0, "drafted": 0, "accepted": 0}
+        self.stats = {"layer_tokens": 0, "kv_layer_tokens": 0, "drafted": 0, "accepted": 0}
         self._prefill(list(prompt_ids))
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -173,7 +185,7 @@ class EarlyExitDecoder:
             group = torch.empty(1, 0, m.cfg.dim, device=self.device, dtype=self.dtype)
         start, j = p, len(self.pending)
         exits, step_t = set(policy.spec.depths), len(self.tokens)
-        prev, first = None, None  # previous exit's hidden state; (confidence, argmax) at the first exit
+        prev, obs = None, []  # previous exit's hidden state; (depth, confidence, argmax) per exit passed
         for d in range(m.depth):
             joining = []
             while j > 0 and self.pending[j - 1].depth == d:
@@ -193,16 +205,15 @@ class EarlyExitDecoder:
             if feed and d + 1 in exits:
                 h = group[0, -1]
                 logits = exit_logits(m, h, d + 1, policy.heads)
-                conf = policy.measure(logits, h, below if prev is None else prev)
+                conf = policy.measure(logits, h, below if prev is None else prev, d + 1)
                 prev = h
-                if first is None:
-                    first = (conf, int(logits.argmax()))
-                if conf >= policy.threshold(step_t) and self._may_exit():
-                    self._exit(d + 1, group, j, self._choose(logits), p)
+                obs.append((d + 1, conf, int(logits.argmax())))
+                if conf >= policy.threshold(step_t, d + 1) and self._may_exit():
+                    self._exit(d + 1, group, j, self._choose(logits), p, obs)
                     return
-        self._deep(group, j, feed, first)
+        self._deep(group, j, feed, obs)
 
-    def _exit(self, depth: int, group: torch.Tensor, j: int, token: int, p: int) -> None:
+    def _exit(self, depth: int, group: torch.Tensor, j: int, token: int, p: int, obs: list) -> None:
         """The fed token exits at `depth`; `group` holds the joined stack rows pending[j:] and it."""
         m = self.model
         if self.strategy == "copy":
@@ -212,33 +223,39 @@ class EarlyExitDecoder:
                 block = m.stage(d)
                 _, k, v = block.attn.qkv(block.attn_norm(h), cos, sin, m.adapters(d))
                 self._write(d, p, k, v)
-                self.stats["layer_tokens"] += 1
+                self.stats["kv_layer_tokens"] += 1
         else:
             for i, row in enumerate(self.pending[j:]):
                 row.depth, row.h = depth, group[0, i]
-            self.pending.append(_Pending(p, depth, group[0, -1], token))
+            self.pending.append(_Pending(p, depth, group[0, -1], token, obs))
             if self.strategy == "speculative":
                 self.stats["drafted"] += 1
         self._emit(token, depth)
 
-    def _deep(self, group: torch.Tensor, j: int, feed: bool, first) -> None:
-        """Everything in `group` reached full depth: emit the fed token's prediction, verify drafts."""
+    def _deep(self, group: torch.Tensor, j: int, feed: bool, obs: list) -> None:
+        """Everything in `group` reached full depth: label the exits passed, verify drafts, emit."""
         m = self.model
         assert j == 0 and group.shape[1] == len(self.pending) + int(feed)
         logits = m.head(group[0])
-        if feed and first is not None:
-            self.policy.threshold.observe(first[0], first[1] == int(logits[-1].argmax()))
+        deep = logits.argmax(-1).tolist()
         rows, self.pending = self.pending, []
+        labelled = [r.obs for r in rows] + ([obs] if feed else [])
+        reject = None  # speculative: the first draft the deep pass disagrees with
         if self.strategy == "speculative":
-            for i, row in enumerate(rows):
-                deep = int(logits[i].argmax())
-                if deep != row.pred:  # roll back everything emitted from this row on
-                    keep = row.pos - self.prompt_len + 1
-                    del self.tokens[keep:], self.depths[keep:]
-                    self._emit(deep, m.depth)
-                    self.filled = [min(f, row.pos + 1) for f in self.filled]
-                    return
-                self.stats["accepted"] += 1
+            reject = next((i for i, row in enumerate(rows) if deep[i] != row.pred), None)
+            self.stats["accepted"] += len(rows) if reject is None else reject
+            if reject is not None:  # rows after it were fed a rejected draft: their deep output is void
+                labelled = labelled[:reject + 1]
+        for row_obs, target in zip(labelled, deep):
+            for depth, conf, arg in row_obs:
+                self.policy.threshold.observe(conf, arg == target, depth)
+        if reject is not None:  # roll back everything emitted from the rejected row on
+            row = rows[reject]
+            keep = row.pos - self.prompt_len + 1
+            del self.tokens[keep:], self.depths[keep:]
+            self._emit(deep[reject], m.depth)
+            self.filled = [min(f, row.pos + 1) for f in self.filled]
+            return
         if feed:
             self._emit(self._choose(logits[-1]), m.depth)
 
@@ -268,7 +285,7 @@ class EarlyExitDecoder:
                 n = i + 1
                 break
         return EarlyExitResult(self.tokens[:n], self.depths[:n], self.model.depth, self.stats["layer_tokens"],
-                               self.stats["drafted"], self.stats["accepted"])
+                               self.stats["kv_layer_tokens"], self.stats["drafted"], self.stats["accepted"])
 
 
 def early_exit_generate(model: Decoder, prompt_ids: Sequence[int], max_new_tokens: int, policy: ExitPolicy,

@@ -1,9 +1,11 @@
 """Exit thresholds: a token exits when its confidence is >= threshold(step).
 
-All three share one small interface, so the early-exit decoder does not care which it holds:
-`threshold(step)` gives the value for generation step t (0-based new-token index) and
-`observe(confidence, agreed)` receives, from every pass that went to full depth, the shallow
-exit's confidence and whether its prediction equalled the deep one (only FREE's estimator uses it).
+All share one small interface, so the early-exit decoder does not care which it holds:
+`threshold(step, depth)` gives the value for generation step t (0-based new-token index) at the
+exit after `depth` layers, and `observe(confidence, agreed, depth)` receives, for every exit a
+token passed (or exited at) whose full-depth prediction is later computed, that exit's
+confidence and whether its prediction equalled the deep one (only FREE's estimator uses it).
+`depth` may be None for a caller with a single exit.
 
 - `Fixed(value)`.
 - `CALMDecay(value, tau, max_steps)`: CALM's step-decaying threshold. We use the formula of the
@@ -12,7 +14,11 @@ exit's confidence and whether its prediction equalled the deep one (only FREE's 
   itself and is higher than λ early only when λ < 1. ANCHORS.md notes that CALM's public code
   writes the decay differently; we did not reproduce that variant, so thresholds tuned with the
   public code do not transfer one to one.
-- `BetaMixture(zeta)`: FREE's adaptive estimator. Pairs (c, agreed) are split by outcome; each
+- `PerExit(make)`: one threshold per exit depth, built by `make()` on first use; what
+  `make_threshold("free")` returns, with one `BetaMixture` per exit, so each exit is calibrated
+  on its own (confidence, agreed) pairs — a depth-20 exit agrees with the final layer far more
+  often than a depth-10 one at the same confidence.
+- `BetaMixture(zeta)`: FREE's adaptive estimator (one exit). Pairs (c, agreed) are split by outcome; each
   outcome's confidences are fitted with a Beta distribution by the method of moments (running
   sums, O(1) memory, refit on demand), the prior is the share of agreements. The posterior we use
   is the point posterior at c = thr (density ratio),
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -38,10 +45,10 @@ class Fixed:
     def __init__(self, value: float):
         self.value = float(value)
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, depth: int | None = None) -> float:
         return self.value
 
-    def observe(self, confidence: float, agreed: bool) -> None:
+    def observe(self, confidence: float, agreed: bool, depth: int | None = None) -> None:
         """A non-adaptive threshold ignores what the deep passes say."""
 
 
@@ -51,11 +58,11 @@ class CALMDecay:
             raise RecursaError(f"CALM decay needs max_steps > 0, got {max_steps}")
         self.value, self.tau, self.max_steps = float(value), float(tau), int(max_steps)
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, depth: int | None = None) -> float:
         lam = 0.9 * self.value + 0.1 * math.exp(-self.tau * step / self.max_steps)
         return min(1.0, max(0.0, lam))
 
-    def observe(self, confidence: float, agreed: bool) -> None:
+    def observe(self, confidence: float, agreed: bool, depth: int | None = None) -> None:
         """A non-adaptive threshold ignores what the deep passes say."""
 
 
@@ -103,7 +110,7 @@ class BetaMixture:
         self.agree, self.disagree = _Moments(), _Moments()
         self._cached: float | None = None
 
-    def observe(self, confidence: float, agreed: bool) -> None:
+    def observe(self, confidence: float, agreed: bool, depth: int | None = None) -> None:
         x = min(1 - self.EPS, max(self.EPS, float(confidence)))
         (self.agree if agreed else self.disagree).add(x)
         self._cached = None
@@ -138,20 +145,41 @@ class BetaMixture:
                     self._cached = float(self.grid[int(ok_from.nonzero()[0])])
         return self._cached
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, depth: int | None = None) -> float:
         return self.value()
 
 
+class PerExit:
+    """One threshold per exit depth (created by `make()` when a depth is first seen)."""
+
+    def __init__(self, make: Callable[[], object]):
+        self.make = make
+        self.by_depth: dict[int | None, object] = {}
+
+    def at(self, depth: int | None):
+        """The threshold of the exit after `depth` layers."""
+        if depth not in self.by_depth:
+            self.by_depth[depth] = self.make()
+        return self.by_depth[depth]
+
+    def __call__(self, step: int, depth: int | None = None) -> float:
+        return self.at(depth)(step, depth)
+
+    def observe(self, confidence: float, agreed: bool, depth: int | None = None) -> None:
+        self.at(depth).observe(confidence, agreed, depth)
+
+
 def make_threshold(kind: str, value: float = 0.9, *, tau: float = 4.0, max_steps: int = 1,
-                   zeta: float = 0.9) -> Fixed | CALMDecay | BetaMixture:
-    """Build a threshold by name: fixed | calm | free (free starts at `value` until fitted)."""
+                   zeta: float = 0.9, min_samples: int = 20) -> Fixed | CALMDecay | PerExit:
+    """Build a threshold by name: fixed | calm | free (one BetaMixture per exit, each at `value` until fitted)."""
     if kind == "fixed":
         return Fixed(value)
     if kind == "calm":
         return CALMDecay(value, tau, max_steps)
     if kind == "free":
-        return BetaMixture(zeta, initial=value)
+        BetaMixture(zeta, initial=value, min_samples=min_samples)  # checks the arguments now
+        return PerExit(lambda: BetaMixture(zeta, initial=value, min_samples=min_samples))
     raise RecursaError(f"unknown threshold {kind!r}; choose from fixed, calm, free")
 
 
-__all__ = ["Fixed", "CALMDecay", "BetaMixture", "BetaFit", "make_threshold"]
+__all__ = ["Fixed", "CALMDecay", "BetaMixture", "BetaFit", "PerExit", "make_threshold"]

@@ -16,6 +16,10 @@ adapters in `lora` (recursa.model.lora); `forward_stage(depth, ...)` applies tha
 
 Early exits (`cfg.exit_depths`, recursa.model.exits): with `cfg.exit_own_norm` the model owns one
 RMSNorm per exit in `exit_heads` (saved and trained with everything else), else `exit_heads` is None.
+
+Mixture-of-Recursions (`cfg.mor_router`, recursa.model.mor): `router` holds the routers (None
+otherwise); `model(ids)` runs the causal routing rule, `forward_mor(ids, mode)` returns the routing
+too; the engine uses `mor_route`, `mor_update` and `kv_source` (semantics in recursa.model.mor).
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ from torch import nn
 from recursa.config import ConfigError, ModelConfig
 from recursa.errors import RecursaError
 from recursa.model import lora as lora_lib
+from recursa.model import mor as mor_lib
+from recursa.model import routers as routers_lib
 from recursa.model.exits import ExitHeads, ExitSpec
 from recursa.model.layers import Block, RMSNorm, rope_cos_sin, rope_frequencies
 from recursa.model.sharing import Structure, structure
@@ -58,6 +64,8 @@ class Decoder(nn.Module):
         # relaxed recursion: {str(depth): {projection: LoRA}} for shared depths, or None
         self.lora = lora_lib.build(cfg, self._structure.shared)
         self.exit_heads = ExitHeads(self, ExitSpec.from_config(cfg)) if cfg.exit_own_norm else None
+        self.router = routers_lib.build(cfg)  # Mixture-of-Recursions routers, or None
+        self._kv_source = self._kv_sources()
         self.reset_parameters()
 
     # ---- structure -------------------------------------------------------------------------
@@ -82,8 +90,8 @@ class Decoder(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.depth)
         for name, p in self.named_parameters():
-            if name.startswith("lora."):
-                continue  # adapters initialise themselves (B = 0: no change to the shared layer)
+            if name.startswith(("lora.", "router.")):
+                continue  # adapters and routers initialise themselves (LoRA B = 0: no change to the shared layer)
             if p.dim() == 1:
                 nn.init.ones_(p)  # norm gains
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -93,6 +101,8 @@ class Decoder(nn.Module):
         for module in self.lora.modules() if self.lora is not None else ():
             if isinstance(module, lora_lib.LoRA):
                 module.reset_parameters()
+        if self.router is not None:
+            self.router.reset_parameters()
         # inv_freq is a derived buffer; recompute it in case the module was built on `meta`.
         self.inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta).to(self.embed_tokens.weight.device)
 
@@ -111,8 +121,15 @@ class Decoder(nn.Module):
     def forward_stage(self, depth, h, cos, sin, past_kv=None, mask=None, attend=None):
         """Run the stage at `depth` on h [B,T,D]; returns (h, (k, v) of the new tokens).
 
-        `attend(q, k, v)` lets a caller that owns a paged cache supply the attention (the engine)."""
-        return self.stage(depth)(h, cos, sin, past_kv=past_kv, mask=mask, lora=self.adapters(depth), attend=attend)
+        `attend(q, k, v)` lets a caller that owns a paged cache supply the attention (the engine).
+        Where `kv_source(depth) != depth` (MoR KV sharing) the stage computes no K/V: it calls
+        `attend(q, None, None)` (required) and returns (h, None)."""
+        skip_kv = self._kv_source[depth] != depth
+        if skip_kv and attend is None:
+            raise ValueError(f"depth {depth} reads the K/V of depth {self._kv_source[depth]} (shared KV): "
+                             f"pass attend=")
+        return self.stage(depth)(h, cos, sin, past_kv=past_kv, mask=mask, lora=self.adapters(depth), attend=attend,
+                                 skip_kv=skip_kv)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden states -> logits."""
@@ -120,9 +137,43 @@ class Decoder(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)
 
+    # ---- Mixture-of-Recursions (semantics: recursa.model.mor) ---------------------------------
+    def _kv_sources(self) -> tuple[int, ...]:
+        s, sources = self._structure, list(range(self.depth))
+        if self.cfg.mor_router != "none" and self.cfg.mor_kv == "share":
+            k, first = len(s.shared_layers), s.shared[0]
+            for d in s.shared:
+                sources[d] = first + (d - first) % k
+        return tuple(sources)
+
+    def kv_source(self, depth: int) -> int:
+        """The depth whose KV this depth's attention reads: itself, except under MoR KV sharing
+        where a depth in loop r >= 1 reads the loop-0 depth of the same unique layer."""
+        return self._kv_source[depth]
+
+    def mor_route(self, step: int, h: torch.Tensor, h_entry: torch.Tensor):
+        """Causal routing of tokens alive at the start of `step`: (go bool [N], gate [N, 1]) from
+        h [N, D] (hidden at the start of the step) and h_entry [N, D] (at the shared block's entry).
+        Per token; go is all True at step 0."""
+        if self.router is None:
+            raise ValueError("mor_route needs a Mixture-of-Recursions model (cfg.mor_router is 'none')")
+        return self.router.route(step, h, h_entry)
+
+    @staticmethod
+    def mor_update(h_start: torch.Tensor, h_end: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """h_start + gate * (h_end - h_start): the gated residual update of one recursion step."""
+        return routers_lib.mor_update(h_start, h_end, gate)
+
+    def forward_mor(self, input_ids: torch.Tensor, mode: str = "causal", positions: torch.Tensor | None = None):
+        """(logits, routing info) of a MoR model; mode "causal" (inference rule) or "topk" (training)."""
+        return mor_lib.forward_mor(self, input_ids, mode, positions)
+
     # ---- full-sequence forward ---------------------------------------------------------------
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Hidden states after the embedding and after every depth: depth + 1 tensors [B,T,D]."""
+        if self.router is not None:
+            raise RecursaError("a Mixture-of-Recursions model has no fixed per-depth hidden states "
+                               "(its tokens run different depths): use forward_mor")
         T = input_ids.shape[1]
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
@@ -135,6 +186,8 @@ class Decoder(nn.Module):
         return hidden
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if self.router is not None:
+            return self.forward_mor(input_ids, "causal", positions)[0]
         return self.head(self.forward_hidden(input_ids, positions)[-1])
 
     # ---- persistence ---------------------------------------------------------------------------

@@ -82,19 +82,29 @@ class Attention(nn.Module):
         v = _project(self.v_proj, "v_proj", x, lora).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None) -> torch.Tensor:
+        """Queries only, q [B,H,T,hd] (shared-KV stages compute no K/V of their own)."""
+        B, T, _ = x.shape
+        q = _project(self.q_proj, "q_proj", x, lora).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin)
+
     def output(self, attn: torch.Tensor, lora=None) -> torch.Tensor:
         """attn [B,H,T,hd] -> [B,T,D]."""
         B, _, T, _ = attn.shape
         return _project(self.o_proj, "o_proj", attn.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), lora)
 
-    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None, attend=None):
+    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None, attend=None, skip_kv=False):
         """Attend the new tokens to past_kv + themselves.
 
         mask: optional bool [B or 1, 1, T, S+T] (True = attend); default is causal.
         attend: optional `attend(q, k, v) -> [B, H, T, hd]` replacing the whole attention over
         past_kv (the engine passes one that writes k/v into its paged cache and reads it back).
+        skip_kv: compute queries only and call attend(q, None, None) (it supplies K/V computed
+        elsewhere: MoR recursive KV sharing); returns (output, None).
         Returns (output [B,T,D], (k, v)) where k, v hold only the new tokens.
         """
+        if skip_kv:
+            return self.output(attend(self.query(x, cos, sin, lora), None, None), lora), None
         q, k, v = self.qkv(x, cos, sin, lora)
         if attend is not None:
             return self.output(attend(q, k, v), lora), (k, v)
@@ -136,7 +146,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None, attend=None):
-        a, kv = self.attn(self.attn_norm(x), cos, sin, past_kv=past_kv, mask=mask, lora=lora, attend=attend)
+    def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None, attend=None, skip_kv=False):
+        a, kv = self.attn(self.attn_norm(x), cos, sin, past_kv=past_kv, mask=mask, lora=lora, attend=attend,
+                          skip_kv=skip_kv)
         x = x + a
         return x + self.mlp(self.mlp_norm(x), lora), kv

@@ -11,6 +11,7 @@ from recursa.config import PRESETS
 from recursa.errors import RecursaError
 
 CURRICULA = ("all", "rotational", "gradual")  # exit loss curricula (train/exit_losses.py)
+LAYER_DROP_SCHEDULES = ("exp", "linear")      # LayerSkip drop rate over depth (train/layer_dropout.py)
 
 SCHEDULES = ("cosine", "wsd")
 PARALLEL = ("auto", "none", "ddp", "fsdp")
@@ -55,13 +56,19 @@ class TrainConfig:
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     loop_exit_weight: float = 0.0    # recursive models: λ · Σ CE at intermediate loop ends (0.1 in Bae et al.)
-    loop_exit_distill: float = 0.0   # ... + weight · Σ KL(final loop || loop r) (train/loop_exits.py)
+    loop_exit_distill: float = 0.0   # ... + weight · Σ KL(final loop || loop r) (train/exit_losses.py)
     exit_depths: list[int] | None = None  # set the model's exit depths (None: keep the model's own)
     exit_own_norm: bool = False      # ... with an own RMSNorm per exit
     exit_weight: float = 0.0         # weight of the intermediate exits' CE (train/exit_losses.py) ...
     exit_curriculum: str | None = None  # ... or the scale of LayerSkip's curriculum: all | rotational | gradual
     exit_kd_weight: float = 0.0      # FREE layer-wise hidden-state distillation to the first exit
     freeze_backbone: bool = False    # train only the exit norms (needs own-norm exits)
+    layer_drop: float = 0.0          # LayerSkip layer dropout: drop rate of the last layer (0 at the first)
+    layer_drop_schedule: str = "exp"  # ... rising over depth: exp | linear (train/layer_dropout.py)
+    router_bce_weight: float = 0.001   # Mixture-of-Recursions (train/mor_losses.py): expert-choice BCE
+    router_z_weight: float = 1e-5      # ... router z-loss
+    router_balance_weight: float = 0.1  # ... token-choice balancing loss (mor_balance="loss")
+    router_bias_rate: float = 1e-3     # ... token-choice loss-free bias step (mor_balance="bias")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,7 +89,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             non_negative(name, integer=True)
         for name in ("weight_decay", "grad_clip", "distill_weight", "loop_exit_weight", "loop_exit_distill",
-                     "exit_weight", "exit_kd_weight"):
+                     "exit_weight", "exit_kd_weight", "router_bce_weight", "router_z_weight",
+                     "router_balance_weight", "router_bias_rate"):
             non_negative(name)
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise TrainConfigError(f"lr must be positive, got {self.lr!r}")
@@ -125,6 +133,14 @@ class TrainConfig:
                 raise TrainConfigError("--exit-curriculum needs a positive --exit-weight (the curriculum's scale)")
             if self.exit_curriculum == "gradual" and self.max_steps is None:
                 raise TrainConfigError("--exit-curriculum gradual needs --max-steps (it ramps over the first half)")
+        if not isinstance(self.layer_drop, (int, float)) or not 0 <= self.layer_drop < 1:
+            raise TrainConfigError(f"layer_drop must be in [0, 1), got {self.layer_drop!r}")
+        if self.layer_drop_schedule not in LAYER_DROP_SCHEDULES:
+            raise TrainConfigError(f"unknown layer_drop_schedule {self.layer_drop_schedule!r}; "
+                                   f"choose from {', '.join(LAYER_DROP_SCHEDULES)}")
+        if self.layer_drop > 0 and self.freeze_backbone:
+            raise TrainConfigError("--layer-drop trains the backbone to do without its deep layers; "
+                                   "it does nothing useful with --freeze-backbone")
         if self.exit_own_norm and not self.exit_depths:
             raise TrainConfigError("--exit-own-norm needs --exit-depths")
         if self.freeze_backbone:

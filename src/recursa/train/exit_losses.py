@@ -1,4 +1,5 @@
-"""Loss terms for models with intermediate exits (ExitSpec), for the training Objective.
+"""Loss terms for early exits, for the training Objective: intermediate exits (ExitSpec) and the
+loop ends of recursive models.
 
 The final exit's CE stays the ordinary `ce` term; these terms add the intermediate exits:
 
@@ -19,7 +20,20 @@ The final exit's CE stays the ordinary `ce` term; these terms add the intermedia
 
 Exit logits are computed once per batch and shared (outputs["exit_logits"], {depth: logits}).
 
+Loop-end exits of recursive models (cycle / middle_cycle sharing) are exits at the loop-end
+depths: after loop r the hidden state goes through the coda layers (middle_cycle: the last
+unique layer; none for cycle) and the shared final norm + LM head. Post-training for early exit
+(Bae et al. 2025) adds to the final loop's CE:
+
+    loop_exit_ce       Σ over intermediate loops r < N-1 of CE(exit r)             weight λ = 0.1
+    loop_exit_distill  Σ over r < N-1 of KL(final loop's softmax || exit r's)      (optional)
+
+The final loop's distribution is detached: it teaches the exits, the exits do not pull it back.
+Their logits are shared per batch under outputs["loop_exit_logits"].
+
     terms = [LossTerm("ce", 1.0, next_token_ce), *exit_terms(spec, ce_weight=1.0, kd_weight=0.1)]
+    terms += loop_exit_terms(model, weight=0.1, distill_weight=1.0)
+    recursa train --init models/smol-10x3 --data data/corpus-smollm --out runs/ee --loop-exit-weight 0.1
 """
 from __future__ import annotations
 
@@ -142,5 +156,55 @@ def exit_terms(spec: ExitSpec, *, ce_weight: float = 1.0, exit_weights: tuple[fl
     return terms
 
 
+# ---- loop-end exits of recursive models ---------------------------------------------------------
+
+def loop_exit_logits(model: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits [B,T,V] of every intermediate loop's exit (r = 0..N-2), coda layers included."""
+    s = model.structure()
+    T = hidden[0].shape[1]
+    cos, sin = model.rope(torch.arange(T, device=hidden[0].device), hidden[0].dtype)
+    exits = []
+    for end in s.loop_ends[:-1]:
+        h = hidden[end + 1]  # hidden[0] is the embedding, hidden[d + 1] the output of depth d
+        for d in s.coda:
+            h, _ = model.forward_stage(d, h, cos, sin)
+        exits.append(model.head(h))
+    return exits
+
+
+def _loop_exits(model: nn.Module, outputs: dict) -> list[torch.Tensor]:
+    if "loop_exit_logits" not in outputs:
+        outputs["loop_exit_logits"] = loop_exit_logits(model, outputs["hidden"])
+    return outputs["loop_exit_logits"]
+
+
+def loop_exit_ce(model: nn.Module, batch: Batch, outputs: dict) -> torch.Tensor:
+    """Sum over intermediate loops of the mean next-token CE at that loop's exit."""
+    return sum(_ce(z, batch) for z in _loop_exits(model, outputs))
+
+
+def loop_exit_distill(model: nn.Module, batch: Batch, outputs: dict) -> torch.Tensor:
+    """Sum over intermediate loops of KL(final exit || loop exit) per token, the final one detached."""
+    teacher = F.log_softmax(outputs["logits"].detach().float(), dim=-1).flatten(0, 1)
+    return sum(F.kl_div(F.log_softmax(z.float(), dim=-1).flatten(0, 1), teacher, log_target=True,
+                        reduction="batchmean") for z in _loop_exits(model, outputs))
+
+
+def loop_exit_terms(model: nn.Module, weight: float = 0.1, distill_weight: float = 0.0) -> list[LossTerm]:
+    """The loop-end exit terms to add to the objective (none when both weights are 0)."""
+    if weight <= 0 and distill_weight <= 0:
+        return []
+    s = model.structure()
+    if s.sharing not in ("cycle", "middle_cycle") or s.n_loops < 2:
+        raise RecursaError(f"loop-end exits need a model with cycle or middle_cycle sharing and n_loops >= 2; "
+                           f"this one has sharing={s.sharing!r}, n_loops={model.cfg.n_loops}")
+    terms = []
+    if weight > 0:
+        terms.append(LossTerm("loop_exit_ce", weight, loop_exit_ce, needs=NEEDS))
+    if distill_weight > 0:
+        terms.append(LossTerm("loop_exit_distill", distill_weight, loop_exit_distill, needs=NEEDS))
+    return terms
+
+
 __all__ = ["multi_exit_ce", "matched_layers", "hidden_distill", "ExitCurriculum", "curriculum_ce", "exit_terms",
-           "CURRICULA"]
+           "CURRICULA", "loop_exit_logits", "loop_exit_ce", "loop_exit_distill", "loop_exit_terms"]

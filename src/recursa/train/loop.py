@@ -37,9 +37,10 @@ from recursa.train import distributed as D
 from recursa.train.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from recursa.train.config import TrainConfig
 from recursa.train.data import Batches, data_vocab_size, unigram_loss, val_batches, val_windows
-from recursa.train.losses import ForwardOutputs, Objective, default_objective
-from recursa.train.exit_losses import ExitCurriculum, exit_terms
-from recursa.train.loop_exits import loop_exit_terms
+from recursa.train.losses import Objective, default_objective
+from recursa.train.mor_losses import mor_terms
+from recursa.train.exit_losses import ExitCurriculum, exit_terms, loop_exit_terms
+from recursa.train.layer_dropout import make_forward
 from recursa.train.schedule import lr_factor, progress
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -108,6 +109,8 @@ def build_objective(cfg: TrainConfig, model: Decoder, teacher: Decoder | None) -
     step in turn; gradual: exits switch on deep-first over the first half of --max-steps)."""
     base = default_objective(teacher, cfg.distill_weight, cfg.distill_temperature)
     extra = loop_exit_terms(model, cfg.loop_exit_weight, cfg.loop_exit_distill)
+    extra += mor_terms(model, cfg.router_bce_weight, cfg.router_z_weight, cfg.router_balance_weight,
+                       cfg.router_bias_rate)  # router losses of a Mixture-of-Recursions model (else none)
     if cfg.exit_weight > 0 or cfg.exit_kd_weight > 0:
         spec = ExitSpec.from_config(model.cfg)
         if not spec.depths:
@@ -189,7 +192,7 @@ def _train(cfg, env, make_objective, on_step) -> dict:
             raise RecursaError(f"teacher {cfg.distill_from} has vocab_size {teacher.cfg.vocab_size}, data uses {vocab_size}")
     objective = (make_objective or (lambda m, t: build_objective(cfg, m, t)))(model, teacher)
     curricula = [t.fn.curriculum for t in objective.terms if hasattr(t.fn, "curriculum")]  # exit loss schedules
-    forward = ForwardOutputs(model)
+    forward = make_forward(model, cfg.layer_drop, cfg.layer_drop_schedule)  # LayerSkip layer dropout if > 0
     wrapped = D.wrap_model(forward, parallel, env)
     params = [p for p in forward.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

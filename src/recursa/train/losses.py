@@ -4,7 +4,8 @@ Why terms: later model families add losses (exit heads, routers) without touchin
 `LossTerm` is (name, weight, fn(model, batch, outputs) -> scalar, needs). `needs` says which
 outputs it reads: "logits" (always computed), "hidden" (hidden state after the embedding and
 after every depth, from `Decoder.forward_hidden`), "teacher_logits" (a frozen teacher's logits,
-computed without grad). Each term's unweighted value is logged under its name.
+computed without grad), "mor" (a Mixture-of-Recursions model's routing info from its top-k
+training forward, `forward_mor(ids, mode="topk")`; see train/mor_losses.py). Each term's unweighted value is logged under its name.
 
 The forward runs through `ForwardOutputs`, one nn.Module around the decoder, so DDP / FSDP2
 hooks see a single `forward` call whatever the terms need. Terms receive the unwrapped decoder
@@ -21,7 +22,7 @@ from torch import nn
 
 from recursa.train.data import Batch
 
-OUTPUTS = ("logits", "hidden", "teacher_logits")
+OUTPUTS = ("logits", "hidden", "teacher_logits", "mor")
 
 
 class ForwardOutputs(nn.Module):
@@ -31,7 +32,10 @@ class ForwardOutputs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, hidden: bool = False) -> dict:
+    def forward(self, input_ids: torch.Tensor, hidden: bool = False, mor: bool = False) -> dict:
+        if mor:
+            logits, info = self.model.forward_mor(input_ids, mode="topk")
+            return {"logits": logits, "mor": info}
         if not hidden:
             return {"logits": self.model(input_ids)}
         states = self.model.forward_hidden(input_ids)
@@ -85,7 +89,7 @@ class Objective:
         return [t.name for t in self.terms]
 
     def __call__(self, forward: nn.Module, model: nn.Module, batch: Batch):
-        outputs = forward(batch.inputs, hidden="hidden" in self.needs)
+        outputs = forward(batch.inputs, hidden="hidden" in self.needs, **({"mor": True} if "mor" in self.needs else {}))
         if "teacher_logits" in self.needs:
             with torch.no_grad():
                 outputs["teacher_logits"] = self.teacher(batch.inputs)
