@@ -18,7 +18,7 @@ above it, a stage run costs about the same whatever its tokens. A PNG histogram 
 --histogram. Prints a table, then one JSON line.
 
     .venv/bin/python benchmarks/depthwise.py --model runs/demo-mor/model --vanilla runs/demo-small/model \
-        --requests 64 --new-tokens 32 --max-num-batched-tokens 16 --histogram runs/demo-mor/depths.png
+        --requests 128 --new-tokens 32 --max-num-batched-tokens 32 --histogram runs/demo-mor/depths.png
     .venv/bin/python benchmarks/depthwise.py --model runs/smol-exits/model --exit-threshold 0.9
 """
 from __future__ import annotations
@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--exit-measure", default="max_prob")
     ap.add_argument("--exit-threshold", type=float, default=None, help="early exit: fixed confidence threshold")
     ap.add_argument("--histogram", type=Path, default=None, help="PNG of executed depth per output token")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per row, interleaved; the median is reported")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,20 +129,32 @@ def main() -> None:
         spec = ExitSpec.from_config(model.cfg)
         if not spec.depths and model.cfg.sharing in ("cycle", "middle_cycle"):   # recursive: exit at loop ends
             spec = ExitSpec(model.structure().loop_ends[:-1])
-        exit_policy = ExitPolicy(spec, args.exit_measure, Fixed(args.exit_threshold))
+        measure = args.exit_measure
+        if measure == "classifier":   # the learned one (recursa train-exit-classifier), saved beside the model
+            from recursa.engine.exit_classifier import load_exit_classifier
+
+            measure = load_exit_classifier(args.model, model)
+        exit_policy = ExitPolicy(spec, measure, Fixed(args.exit_threshold))
     engine = dict(max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_memory=None, max_num_seqs=args.requests)
-    rows, depths = [], None
-    rows.append(run(vanilla_like(model), ids, args.new_tokens, "vanilla, same depth", **engine)[0])
+    configs = [("vanilla, same depth", vanilla_like(model), {})]
     if args.vanilla:
-        rows.append(run(load(args.vanilla), ids, args.new_tokens, f"vanilla {Path(args.vanilla).parent.name}",
-                        **engine)[0])
-    for policy in ("depthwise", "fullest", "synchronous"):
-        row, d = run(model, ids, args.new_tokens, f"adaptive {policy}", policy=policy, exit_policy=exit_policy,
-                     **engine)
+        configs.append((f"vanilla {Path(args.vanilla).parent.name}", load(args.vanilla), {}))
+    configs += [(f"adaptive {policy}", model, dict(policy=policy, exit_policy=exit_policy))
+                for policy in ("depthwise", "fullest", "synchronous")]
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+    depths = None
+    for rep in range(args.repeats):   # interleaved, so that drifting machine load hits every row alike
+        for name, m, extra in configs:
+            row, d = run(m, ids, args.new_tokens, name, **extra, **engine)
+            results[name].append(row)
+            depths = depths or (d if name == "adaptive depthwise" else None)
+            print(f"  [{rep + 1}/{args.repeats}] {name}: {row['output_tok_s']:.1f} tok/s", file=sys.stderr)
+    rows = []
+    for name, reps in results.items():   # the median run by tok/s stands for the row (all runs in the JSON)
+        row = dict(sorted(reps, key=lambda r: r["output_tok_s"])[len(reps) // 2])
+        row["tok_s_all"] = [round(r["output_tok_s"], 1) for r in reps]
         rows.append(row)
-        depths = depths or d
-        print(f"  {row['run']}: {row['output_tok_s']:.1f} tok/s", file=sys.stderr)
     base = rows[0]
     for r in rows:
         r["ideal_speedup"] = base["passes"] / r["passes"]

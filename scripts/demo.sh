@@ -53,4 +53,4 @@ fi
 
 step "7. serve it through the engine: depth-wise vs synchronous batching vs vanilla models"
 .venv/bin/python benchmarks/depthwise.py --model runs/demo-mor/model --vanilla runs/demo-small/model \
-  --requests 64 --new-tokens 32 --max-num-batched-tokens 16 --histogram runs/demo-mor/depths.png
+  --requests 128 --new-tokens 32 --max-num-batched-tokens 32 --histogram runs/demo-mor/depths.png
