@@ -97,6 +97,15 @@ def test_batched_equals_one_by_one(bpe):
     assert got32 == pytest.approx(reference_scores(model32, bpe, requests), abs=1e-4)
 
 
+def test_mor_model_scores_with_its_causal_routing(bpe):
+    """MoR models route by the sequence they are in: each request is scored by a causal forward."""
+    torch.manual_seed(0)
+    model = Decoder(preset("mor-tiny", vocab_size=bpe.vocab_size, max_seq_len=64)).double().eval()
+    requests = [("the cat sat on", " the mat."), ("the cat sat on", " the dog"), ("", "the cat")]
+    got = [s.logprob for s in score_requests(model, bpe, requests, batch_size=4)]
+    assert got == pytest.approx(reference_scores(model, bpe, requests), abs=1e-9)
+
+
 def test_left_truncation_to_max_seq_len(bpe):
     torch.manual_seed(1)
     model = Decoder(preset("tiny", vocab_size=bpe.vocab_size, max_seq_len=12)).double().eval()

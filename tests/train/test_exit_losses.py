@@ -67,7 +67,7 @@ def test_hidden_distill_by_hand(setup):
     assert matched_layers(3, 8) == [(1, 2), (2, 5), (3, 8)]
     out = _outputs(model, batch)
     got = hidden_distill(ExitSpec((2,)))(model, batch, out)
-    h = [t.detach() for t in out["hidden"]]
+    h = [t.detach() / t.detach().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() for t in out["hidden"]]  # RMS-normalised
     ref = (((h[1] - h[2]) ** 2).mean() + ((h[2] - h[4]) ** 2).mean()) / 2
     assert float(got.detach()) == pytest.approx(float(ref), rel=1e-5)
     got.backward()  # the deep side is detached: the last layer gets no gradient from this term

@@ -14,6 +14,17 @@ from recursa.errors import RecursaError
 COMMANDS = ["data", "train", "convert", "generate", "eval", "models", "exit_classifier"]
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is argparse's one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recursa", description="Adaptive-depth language models and their engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -25,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "threads", None) is not None:   # commands with --threads (positive_int)
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         result = args.func(args)
     except RecursaError as e:

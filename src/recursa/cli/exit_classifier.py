@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from recursa.cli import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train-exit-classifier", help="train the learned exit classifier of a model with exits",
@@ -28,20 +30,13 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden-dim", type=int, default=64, help="MLP width")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
+    p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from recursa.errors import RecursaError
     from recursa.train.exit_classifier import train_exit_classifier
 
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise RecursaError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
     train_exit_classifier(args.model, args.data, steps=args.steps, tokens=args.tokens, val_tokens=args.val_tokens,
                           seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, hidden_dim=args.hidden_dim,
                           seed=args.seed)

@@ -23,19 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from recursa.cli import positive_int
 from recursa.engine.confidence import CHOICES as MEASURE_CHOICES
 from recursa.engine.early_exit import STRATEGIES
 from recursa.errors import RecursaError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -52,9 +43,9 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a saved model", description=__doc__)
     p.add_argument("model", help="model directory (model.safetensors + config.json + tokenizer.json)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several prompts)")
-    p.add_argument("--max-tokens", type=_positive_int, default=64, help="new tokens per prompt (default 64)")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per prompt (default 64)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=_non_negative_float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (instruct models)")
@@ -69,7 +60,7 @@ def register(sub) -> None:
     e.add_argument("--exit-measure", choices=MEASURE_CHOICES, default="max_prob",
                    help="confidence: top-1 probability, top-1 minus top-2, cosine to the previous exit's hidden "
                         "state, or the model's learned exit classifier (recursa train-exit-classifier)")
-    e.add_argument("--max-draft", type=_positive_int, default=4, help="speculative: drafts per verification (default 4)")
+    e.add_argument("--max-draft", type=positive_int, default=4, help="speculative: drafts per verification (default 4)")
     p.set_defaults(func=run)
 
 

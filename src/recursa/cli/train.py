@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+from recursa.cli import positive_int
 from recursa.train.config import CURRICULA, DTYPES, LAYER_DROP_SCHEDULES, PARALLEL, SCHEDULES, TrainConfig
 
 
@@ -60,7 +61,7 @@ def register(subparsers) -> None:
                        help=f"(default: {d[flag].default})")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda")
     r.add_argument("--parallel", choices=PARALLEL, default="auto", help="under torchrun: ddp or fsdp")
-    r.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's choice); 1 helps on a busy shared CPU")
+    r.add_argument("--threads", type=positive_int, help="CPU intra-op threads (default: torch's choice); 1 helps on a busy shared CPU")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     t = p.add_argument_group("distillation")
     t.add_argument("--distill-from", metavar="MODEL_DIR", help="teacher model (frozen, same vocabulary)")
@@ -94,15 +95,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from recursa.errors import RecursaError
     from recursa.train.loop import train
 
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise RecursaError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     if fields.get("preset") is None and fields.get("init") is None:
         fields["preset"] = "tiny"

@@ -123,6 +123,8 @@ def score_requests(model, tok, requests: list[tuple[str, str]], batch_size: int 
     device = model.embed_tokens.weight.device
     units = sorted(_build_units(model, tok, requests), key=lambda u: -u.length)
     scores: list[Score | None] = [None] * len(requests)
+    if getattr(model, "router", None) is not None:   # Mixture-of-Recursions: routing needs plain sequences
+        return _score_sequences(model, units, len(requests), device)
     for start in range(0, len(units), batch_size):
         batch = units[start:start + batch_size]
         ids, pos, mask, rows, cols, targets, owner = _pack(batch, device)
@@ -139,6 +141,22 @@ def score_requests(model, tok, requests: list[tuple[str, str]], batch_size: int 
             req = batch[b].requests[k]
             scores[req] = Score(logp[at:at + n].sum().item(), n, bool(hit[at:at + n].all()))
             at += n
+    return scores  # type: ignore[return-value]
+
+
+def _score_sequences(model, units: list[_Unit], n: int, device) -> list[Score]:
+    """One causal forward per (context, continuation): for models whose tokens' depths depend on
+    the routing of the sequence they are in (MoR), where the packed tree layout does not apply."""
+    scores: list[Score | None] = [None] * n
+    for u in units:
+        c = len(u.context)
+        for k, cont in zip(u.requests, u.conts):
+            ids = torch.tensor([u.context + cont[:-1]], device=device)
+            logits = model(ids)[0, c - 1:]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            target = torch.tensor(cont, device=device)
+            logp = torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]
+            scores[k] = Score(logp.sum().item(), len(cont), bool((logits.argmax(-1) == target).all()))
     return scores  # type: ignore[return-value]
 
 

@@ -83,14 +83,21 @@ def matched_layers(shallow: int, deep: int) -> list[tuple[int, int]]:
     return [(i, i * deep // shallow) for i in range(1, shallow + 1)]
 
 
+def _rms(h: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(h.float(), (h.shape[-1],), eps=1e-6)
+
+
 def hidden_distill(spec: ExitSpec):
-    """Mean over matched pairs of MSE(shallow hidden, detached deep hidden) (FREE)."""
+    """Mean over matched pairs of MSE(shallow hidden, detached deep hidden) (FREE), on RMS-normalised
+    states: the raw residual stream grows with depth, and pulling a shallow layer towards a deep
+    one's *scale* feeds back into the deep one (trained from scratch, the raw MSE ran away to 1e6
+    within 30 steps); the direction is what an exit head reads after its norm anyway."""
 
     def fn(model: nn.Module, batch: Batch, outputs: dict) -> torch.Tensor:
         spec.check(model.depth)
         hidden = outputs["hidden"]
         pairs = matched_layers(spec.depths[0], model.depth)
-        return sum(F.mse_loss(hidden[i].float(), hidden[j].detach().float()) for i, j in pairs) / len(pairs)
+        return sum(F.mse_loss(_rms(hidden[i]), _rms(hidden[j].detach())) for i, j in pairs) / len(pairs)
 
     return fn
 
