@@ -97,17 +97,18 @@ class MoRRouting(FullDepth):
         with torch.inference_mode():
             go, gate = self.model.mor_route(step, h, h_entry)
         sizes = [len(s.positions) for s in seqs]
-        everyone = bool(go.all())   # the common case (always at step 0): one check, not one per request
-        for s, g, w, he in zip(seqs, go.split(sizes), gate.split(sizes), h_entry.split(sizes)):
-            if everyone or bool(g.all()):
+        go_host = go.cpu()          # positions live on the host, hidden states on the model's device
+        everyone = bool(go_host.all())   # the common case (always at step 0): one check, not one per request
+        for s, g, gh, w, he in zip(seqs, go.split(sizes), go_host.split(sizes), gate.split(sizes), h_entry.split(sizes)):
+            if everyone or bool(gh.all()):
                 s.h_entry, s.h_start, s.gate = he, s.hidden, w
                 continue
-            s.parked.append((s.positions[~g], s.hidden[~g]))
-            if not bool(g.any()):      # nothing left to recur: the chunk jumps to the block's end
+            s.parked.append((s.positions[~gh], s.hidden[~g]))
+            if not bool(gh.any()):      # nothing left to recur: the chunk jumps to the block's end
                 s.depth = self.end
                 self._leave_block(s, active=False)
                 continue
-            s.set_tokens(s.positions[g], s.hidden[g])
+            s.set_tokens(s.positions[gh], s.hidden[g])
             s.h_entry, s.h_start, s.gate = he[g], s.hidden, w[g]
 
     def _leave_block(self, s: Sequence, active: bool) -> None:
@@ -116,7 +117,8 @@ class MoRRouting(FullDepth):
         if len(parts) > 1:
             positions = torch.cat([p for p, _ in parts])
             order = positions.argsort()
-            s.set_tokens(positions[order], torch.cat([h for _, h in parts])[order])
+            hidden = torch.cat([h for _, h in parts])
+            s.set_tokens(positions[order], hidden[order.to(hidden.device)])
         else:
             s.set_tokens(*parts[0])
         s.parked = []
