@@ -96,7 +96,7 @@ class MoRRouting(FullDepth):
         h_entry = h if entering else torch.cat([s.h_entry for s in seqs])
         with torch.inference_mode():
             go, gate = self.model.mor_route(step, h, h_entry)
-        sizes = [len(s.positions) for s in seqs]
+        sizes = [s.n_in_flight for s in seqs]
         go_host = go.cpu()          # positions live on the host, hidden states on the model's device
         everyone = bool(go_host.all())   # the common case (always at step 0): one check, not one per request
         for s, g, gh, w, he in zip(seqs, go.split(sizes), go_host.split(sizes), gate.split(sizes), h_entry.split(sizes)):

@@ -29,7 +29,7 @@ class _Batch:
     """Positions, rope, padding, mask and depth-0 cache slots for one set of in-flight tokens."""
 
     def __init__(self, model: Decoder, kv: KVCacheManager, seqs: list[Sequence], device, dtype):
-        lens = torch.tensor([len(s.positions) for s in seqs])
+        lens = torch.tensor([s.n_in_flight for s in seqs])
         self.sizes = lens.tolist()
         self.decode = max(self.sizes) == 1                                        # one token per request
         t = torch.arange(max(self.sizes))

@@ -46,6 +46,7 @@ class Sequence:
         self.positions: torch.Tensor | None = None   # [n] positions in flight
         self.hidden: torch.Tensor | None = None      # [n, D] their hidden states (None: not embedded yet)
         self.layout = 0                              # bumped whenever `positions` changes (runner metadata key)
+        self.n_in_flight = 0                         # len(positions), kept as an int: the scheduler asks often
         # Mixture-of-Recursions routing state of the in-flight tokens, and the tokens that stopped early
         self.h_entry = self.h_start = self.gate = None
         self.parked: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -83,7 +84,7 @@ class Sequence:
     @property
     def chunk_len(self) -> int:
         """Tokens in flight (what a stage run over this request costs)."""
-        return len(self.positions) if self.in_flight else 0
+        return self.n_in_flight if self.depth >= 0 else 0
 
     @property
     def is_decode(self) -> bool:
@@ -97,11 +98,12 @@ class Sequence:
 
     def set_tokens(self, positions: torch.Tensor, hidden: torch.Tensor | None) -> None:
         self.positions, self.hidden = positions, hidden
+        self.n_in_flight = len(positions)
         self.layout += 1
 
     def end_chunk(self) -> None:
         """The chunk left the last depth (its KV is complete), exited, or was dropped (preemption, abort)."""
-        self.depth, self.hidden, self.positions = -1, None, None
+        self.depth, self.hidden, self.positions, self.n_in_flight = -1, None, None, 0
         self.h_entry = self.h_start = self.gate = None
         self.parked = []
 
