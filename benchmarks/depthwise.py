@@ -73,8 +73,7 @@ def vanilla_like(model):
     from recursa.model import Decoder
 
     cfg = model.cfg.replace(n_layers=model.depth, sharing="none", n_loops=1, lora_rank_attn=0, lora_rank_mlp=0,
-                            exit_depths=[], exit_own_norm=False,
-                            **({"mor_router": "none"} if hasattr(model.cfg, "mor_router") else {}))
+                            exit_depths=[], exit_own_norm=False, mor_router="none")
     torch.manual_seed(0)
     return Decoder(cfg).eval()
 

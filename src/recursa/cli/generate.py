@@ -85,7 +85,7 @@ def run(args) -> int:
                             seed=args.seed, max_tokens=args.max_tokens)
     texts = [_chat(p) if args.chat else p for p in args.prompt]
     headers = [f"> {p}\n" if args.chat else p for p in args.prompt]
-    adaptive = exit_policy is not None or getattr(model.cfg, "mor_router", "none") != "none"
+    adaptive = exit_policy is not None or model.cfg.is_mor
     start = time.perf_counter()
     for i, text in enumerate(texts):
         llm.add_request(str(i), text, params)

@@ -155,7 +155,7 @@ class EarlyExit(FullDepth):
         exited: set[int] = set()
         for d, group in sorted(by_depth.items()):
             h = torch.stack([s.hidden[-1] for s in group])
-            logits = self.runner.run_head(h, d)
+            logits = self.runner.run_head(h, d, self.policy.heads)
             for s, row, hs in zip(group, logits, h):
                 conf = self.policy.measure(row, hs, s.prev_exit_hidden, d)
                 s.prev_exit_hidden = hs
@@ -186,10 +186,9 @@ class EarlyExit(FullDepth):
 
 def make_router(model, runner: ModelRunner, exit_policy=None) -> FullDepth:
     """The router for `model`'s family (an exit policy turns on early exit)."""
-    mor = getattr(model.cfg, "mor_router", "none") != "none"
-    if mor and exit_policy is not None:
+    if model.cfg.is_mor and exit_policy is not None:
         raise RecursaError("a Mixture-of-Recursions model chooses depth with its router; it takes no exit policy")
-    if mor:
+    if model.cfg.is_mor:
         return MoRRouting(model, runner)
     if exit_policy is not None:
         return EarlyExit(model, runner, exit_policy)

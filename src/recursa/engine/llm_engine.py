@@ -45,8 +45,8 @@ class LLMEngine:
         weight = model.embed_tokens.weight
         # KV strategy: a depth reads its own cache, or (recursive KV sharing) loop 0's; recursion-wise
         # caching leaves the entries of tokens that skipped a step empty
-        kv_source = [model.kv_source(d) if hasattr(model, "kv_source") else d for d in range(model.depth)]
-        recursion_wise = getattr(cfg, "mor_router", "none") != "none" and getattr(cfg, "mor_kv", "") == "recursion"
+        kv_source = [model.kv_source(d) for d in range(model.depth)]
+        recursion_wise = cfg.is_mor and cfg.mor_kv == "recursion"
         per_token = 2 * cfg.n_kv_heads * cfg.head_dim * weight.element_size() * len(set(kv_source))
         memory = config.kv_cache_memory or min(DEFAULT_KV_MEMORY, config.max_num_seqs * self.max_model_len * per_token)
         self.kv = KVCacheManager(model.depth, cfg.n_kv_heads, cfg.head_dim, block_size=config.block_size,
@@ -55,8 +55,7 @@ class LLMEngine:
         # tokens at depths that run the same unique layer batch together; per-depth adapters
         # (relaxed recursion) make a depth its own group, and depths that read a shared KV cache
         # (and compute no keys/values) group apart from the depths that write it
-        adapters = getattr(model, "adapters", None)
-        keys = [-1 - d if adapters is not None and adapters(d) is not None
+        keys = [-1 - d if model.adapters(d) is not None
                 else layer if kv_source[d] == d else model.depth + layer
                 for d, layer in enumerate(model.depth_to_layer)]
         self.scheduler = Scheduler(config, self.kv, make_policy(config.policy, keys, config.max_num_batched_tokens), keys)

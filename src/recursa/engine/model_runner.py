@@ -55,8 +55,7 @@ class ModelRunner:
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.gqa = model.cfg.n_kv_heads != model.cfg.n_heads
-        kv_source = getattr(model, "kv_source", None)
-        self.kv_source = [d if kv_source is None else kv_source(d) for d in range(model.depth)]
+        self.kv_source = [model.kv_source(d) for d in range(model.depth)]
         self._key: tuple | None = None
         self._batch: _Batch | None = None
         self.num_stage_runs = 0
@@ -123,9 +122,10 @@ class ModelRunner:
         self.num_stage_tokens += len(batch.new_slots)
 
     @torch.inference_mode()
-    def run_head(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """Logits [n, V] (fp32) of hidden [n, D]: the final norm + LM head, or the exit after `depth`."""
+    def run_head(self, hidden: torch.Tensor, depth: int | None = None, heads=None) -> torch.Tensor:
+        """Logits [n, V] (fp32) of hidden [n, D]: the final norm + LM head, or the exit after `depth`
+        (through `heads`, default the model's own exit norms)."""
         self.num_head_tokens += len(hidden)
         if depth is None or depth == self.model.depth:
             return self.model.head(hidden).float()
-        return exit_logits(self.model, hidden, depth).float()
+        return exit_logits(self.model, hidden, depth, heads).float()
