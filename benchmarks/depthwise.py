@@ -116,7 +116,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from recursa.data.tokenizer import load_tokenizer
-    from recursa.engine.early_exit import ExitPolicy
+    from recursa.engine.exit_policy import ExitPolicy
     from recursa.engine.thresholds import Fixed
     from recursa.model import load
     from recursa.model.exits import ExitSpec
@@ -130,7 +130,7 @@ def main() -> None:
             spec = ExitSpec(model.structure().loop_ends[:-1])
         measure = args.exit_measure
         if measure == "classifier":   # the learned one (recursa train-exit-classifier), saved beside the model
-            from recursa.engine.exit_classifier import load_exit_classifier
+            from recursa.model.exit_classifier import load_exit_classifier
 
             measure = load_exit_classifier(args.model, model)
         exit_policy = ExitPolicy(spec, measure, Fixed(args.exit_threshold))

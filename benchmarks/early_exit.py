@@ -89,8 +89,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from recursa.data.tokenizer import load_tokenizer
-    from recursa.engine.early_exit import ExitPolicy, early_exit_generate
-    from recursa.engine.exit_classifier import load_exit_classifier
+    from recursa.engine.early_exit import early_exit_generate
+    from recursa.engine.exit_policy import ExitPolicy
+    from recursa.model.exit_classifier import load_exit_classifier
     from recursa.engine.generate import generate
     from recursa.model import load
     from recursa.model.exits import ExitSpec

@@ -10,7 +10,7 @@ from recursa.convert.hf import to_hf
 from recursa.convert.recursive import init_sources, to_recursive
 from recursa.errors import RecursaError
 from recursa.model import Decoder, load
-from recursa.model.lora import merge
+from recursa.convert.recursive import merge
 from recursa.model.sharing import structure
 
 

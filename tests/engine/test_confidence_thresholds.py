@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from recursa.engine.confidence import confidence, features, margin, max_prob, saturation
+from recursa.engine.exit_policy import confidence
+from recursa.model.confidence import features, margin, max_prob, saturation
 from recursa.engine.thresholds import BetaMixture, CALMDecay, Fixed, PerExit, make_threshold
 from recursa.errors import RecursaError
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from recursa.config import preset
-from recursa.engine.early_exit import EarlyExitDecoder, ExitPolicy, early_exit_generate
+from recursa.engine.early_exit import EarlyExitDecoder, early_exit_generate
+from recursa.engine.exit_policy import ExitPolicy
 from recursa.engine.generate import generate
 from recursa.engine.thresholds import Fixed, make_threshold
 from recursa.errors import RecursaError
@@ -245,7 +246,7 @@ def test_parallel_and_speculative_on_a_recursive_model():
 
 @pytest.mark.parametrize("measure", ["margin", "saturation", "classifier"])
 def test_every_measure_drives_the_decoder(model, measure):
-    from recursa.engine.exit_classifier import ExitClassifier
+    from recursa.model.exit_classifier import ExitClassifier
     from recursa.engine.thresholds import CALMDecay
 
     m = ExitClassifier(model.cfg.dim, (1, 2)) if measure == "classifier" else measure

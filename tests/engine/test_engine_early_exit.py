@@ -13,7 +13,7 @@ import torch
 import recursa
 from recursa import SamplingParams
 from recursa.config import preset
-from recursa.engine.early_exit import ExitPolicy
+from recursa.engine.exit_policy import ExitPolicy
 from recursa.engine.thresholds import Fixed
 from recursa.errors import RecursaError
 from recursa.model import Decoder

@@ -9,8 +9,9 @@ from recursa.cli import main
 from recursa.config import preset
 from recursa.data.packed import write_tokens
 from recursa.data.tokenizer import train_tokenizer
-from recursa.engine.early_exit import ExitPolicy, early_exit_generate
-from recursa.engine.exit_classifier import META_FILE, WEIGHTS_FILE, ExitClassifier, load_exit_classifier
+from recursa.engine.early_exit import early_exit_generate
+from recursa.engine.exit_policy import ExitPolicy
+from recursa.model.exit_classifier import META_FILE, WEIGHTS_FILE, ExitClassifier, load_exit_classifier
 from recursa.engine.thresholds import Fixed
 from recursa.errors import RecursaError
 from recursa.model import Decoder, load

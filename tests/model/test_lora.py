@@ -4,7 +4,8 @@ import torch
 
 from recursa.config import preset
 from recursa.model import Decoder, load
-from recursa.model.lora import LoRA, merge
+from recursa.convert.recursive import merge
+from recursa.model.lora import LoRA
 
 
 def relaxed(**kw) -> Decoder:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from recursa.cli import positive_int
-from recursa.engine.confidence import CHOICES as MEASURE_CHOICES
+from recursa.model.confidence import CHOICES as MEASURE_CHOICES
 from recursa.engine.early_exit import STRATEGIES
 from recursa.errors import RecursaError
 
@@ -130,8 +130,8 @@ def _print_depths(tokenizer, tokens: list[int], depths: list[int], n_layers: int
 
 def _exit_policy(args, model):
     """The ExitPolicy the --exit-* flags describe, at the model's own exits."""
-    from recursa.engine.early_exit import ExitPolicy
-    from recursa.engine.exit_classifier import load_exit_classifier
+    from recursa.engine.exit_policy import ExitPolicy
+    from recursa.model.exit_classifier import load_exit_classifier
     from recursa.engine.thresholds import make_threshold
     from recursa.model.exits import ExitSpec
 

@@ -24,6 +24,9 @@ is the best approximation of the function on x̂. A shared norm gain of exactly 
 
     model = to_recursive(load("models/smollm2-135m"), "cycle", n_loops=3, init="stepwise")
     recursa convert --recursive models/smollm2-135m --out models/smol-10x3 --sharing cycle --loops 3
+
+`merge(model)`: a vanilla Decoder with every depth's weight materialised as W_u + scale * B A
+(unmerged inference is the model itself; the two agree to float rounding).
 """
 from __future__ import annotations
 
@@ -136,4 +139,29 @@ def to_recursive(model: Decoder, sharing: str, n_loops: int, init: str = "stepwi
     return out.eval()
 
 
-__all__ = ["to_recursive", "init_sources", "load_source", "INITS"]
+
+
+@torch.no_grad()
+def merge(model: Decoder) -> Decoder:
+    """A vanilla Decoder computing what `model` computes, one materialised Block per depth."""
+    cfg = model.cfg.replace(sharing="none", n_loops=1, lora_rank_attn=0, lora_rank_mlp=0, lora_alpha=None)
+    w = model.embed_tokens.weight
+    with torch.device("meta"):
+        merged = Decoder(cfg)
+    state = {}
+    for name, t in model.state_dict().items():
+        if not name.startswith(("layers.", "lora.")):
+            state[name] = t.clone()
+    for d in range(model.depth):
+        adapters = model.adapters(d)
+        for name, t in model.stage(d).state_dict().items():
+            proj = name.split(".")[1] if "." in name else None
+            if adapters is not None and proj in adapters:
+                t = t + adapters[proj].delta_weight().to(t.dtype)
+            state[f"layers.{d}.{name}"] = t.clone()
+    merged.load_state_dict(state, strict=True, assign=True)
+    merged.inv_freq = model.inv_freq.clone()
+    return merged.to(device=w.device).train(model.training)
+
+
+__all__ = ["to_recursive", "init_sources", "load_source", "merge", "INITS"]

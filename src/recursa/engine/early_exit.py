@@ -1,7 +1,7 @@
 """Single-request early-exit decoding with three ways to give skipped layers their keys/values.
 
 A token runs layers bottom-up; at each exit depth (ExitSpec.depths) the exit's logits give a
-confidence (recursa.engine.confidence) compared with a threshold (recursa.engine.thresholds);
+confidence (recursa.model.confidence) compared with a threshold (recursa.engine.thresholds);
 if it is high enough the token is emitted from there. Later tokens attend to the exited token
 in the layers it skipped, so those layers need its K/V. The strategies:
 
@@ -44,28 +44,13 @@ from typing import Sequence
 
 import torch
 
-from recursa.engine.confidence import Confidence, confidence
-from recursa.engine.exit_classifier import ExitClassifier
+from recursa.engine.exit_policy import ExitPolicy
 from recursa.engine.sampling import sample
 from recursa.errors import RecursaError
 from recursa.model.decoder import Decoder
-from recursa.model.exits import ExitHeads, ExitSpec, exit_logits
+from recursa.model.exits import exit_logits, saturation_reference
 
 STRATEGIES = ("copy", "parallel", "speculative")
-
-
-@dataclass
-class ExitPolicy:
-    spec: ExitSpec
-    measure: str | ExitClassifier | Confidence = "max_prob"
-    threshold: object = None  # thresholds.Fixed / CALMDecay / PerExit: __call__(step, depth), observe(c, agreed, depth)
-    heads: ExitHeads | None = None
-
-    def __post_init__(self):
-        if self.threshold is None:
-            raise RecursaError("an exit policy needs a threshold")
-        if isinstance(self.measure, (str, ExitClassifier)):
-            self.measure = confidence(self.measure)
 
 
 @dataclass
@@ -185,7 +170,7 @@ class EarlyExitDecoder:
             group = torch.empty(1, 0, m.cfg.dim, device=self.device, dtype=self.dtype)
         start, j = p, len(self.pending)
         exits, step_t = set(policy.spec.depths), len(self.tokens)
-        prev, obs = None, []  # previous exit's hidden state; (depth, confidence, argmax) per exit passed
+        seen, obs = {}, []  # the fed token's hidden state by depth; (depth, confidence, argmax) per exit passed
         for d in range(m.depth):
             joining = []
             while j > 0 and self.pending[j - 1].depth == d:
@@ -198,15 +183,14 @@ class EarlyExitDecoder:
                 continue
             assert self.filled[d] == start, (d, self.filled[d], start)
             cos, sin = m.rope(torch.arange(start, end, device=self.device), self.dtype)
-            below = group[0, -1]
+            seen[d] = group[0, -1]
             group, (k, v) = m.forward_stage(d, group, cos, sin, past_kv=self._past(d, start))
             self._write(d, start, k, v)
             self.stats["layer_tokens"] += group.shape[1]
             if feed and d + 1 in exits:
-                h = group[0, -1]
+                h = seen[d + 1] = group[0, -1]
                 logits = exit_logits(m, h, d + 1, policy.heads)
-                conf = policy.measure(logits, h, below if prev is None else prev, d + 1)
-                prev = h
+                conf = policy.measure(logits, h, seen[saturation_reference(policy.spec.depths, d + 1)], d + 1)
                 obs.append((d + 1, conf, int(logits.argmax())))
                 if conf >= policy.threshold(step_t, d + 1) and self._may_exit():
                     self._exit(d + 1, group, j, self._choose(logits), p, obs)
@@ -247,8 +231,7 @@ class EarlyExitDecoder:
             if reject is not None:  # rows after it were fed a rejected draft: their deep output is void
                 labelled = labelled[:reject + 1]
         for row_obs, target in zip(labelled, deep):
-            for depth, conf, arg in row_obs:
-                self.policy.threshold.observe(conf, arg == target, depth)
+            self.policy.observe(row_obs, target)
         if reject is not None:  # roll back everything emitted from the rejected row on
             row = rows[reject]
             keep = row.pos - self.prompt_len + 1
@@ -294,4 +277,4 @@ def early_exit_generate(model: Decoder, prompt_ids: Sequence[int], max_new_token
     return EarlyExitDecoder(model, prompt_ids, max_new_tokens, policy, strategy, **kwargs).run()
 
 
-__all__ = ["STRATEGIES", "ExitPolicy", "EarlyExitResult", "EarlyExitDecoder", "early_exit_generate"]
+__all__ = ["STRATEGIES", "EarlyExitResult", "EarlyExitDecoder", "early_exit_generate"]

@@ -6,7 +6,7 @@
         print(out.text, out.finish_reason)
 
 Keyword arguments are EngineConfig's (max_num_seqs, max_num_batched_tokens, max_model_len,
-block_size, kv_cache_memory, policy); `exit_policy` (an early_exit.ExitPolicy) turns on early
+block_size, kv_cache_memory, policy); `exit_policy` (an exit_policy.ExitPolicy) turns on early
 exit for a model with exits, decoded at batch > 1 with lossless KV (depth_router.py). The streaming interface (add_request, abort_request,
 step, has_unfinished) is LLMEngine's, for servers.
 """

@@ -103,6 +103,15 @@ def exit_logits(model: nn.Module, hidden: torch.Tensor, depth: int, heads: ExitH
     return F.linear(heads.norms[str(depth)](hidden), lm_weight(model))
 
 
+def saturation_reference(depths, depth: int) -> int:
+    """The depth whose hidden state the exit after `depth` layers is compared with by hidden-state
+    measures (saturation, the exit classifier's features): the previous exit, or one layer below
+    the first. The one rule training (exit classifier examples) and decoding share."""
+    depths = tuple(depths)
+    i = depths.index(depth)
+    return depths[i - 1] if i else depth - 1
+
+
 def with_exits(model: nn.Module, depths, own_norm: bool = False) -> nn.Module:
     """Give `model` (in place) the exits `depths`: its config changes, own norms start as the final norm.
 
@@ -122,4 +131,4 @@ def with_exits(model: nn.Module, depths, own_norm: bool = False) -> nn.Module:
     return model
 
 
-__all__ = ["ExitSpec", "ExitSpecError", "ExitHeads", "exit_logits", "lm_weight", "with_exits"]
+__all__ = ["ExitSpec", "ExitSpecError", "ExitHeads", "exit_logits", "lm_weight", "saturation_reference", "with_exits"]

@@ -15,8 +15,7 @@ Adapters live in `Decoder.lora`, a ModuleDict keyed by the depth (as a string), 
 - `svd_init_`: set one adapter from the rank-r truncated SVD of a target delta, divided by the
   scale, so that scale * B @ A is the best rank-r approximation of the delta (and exact at full
   rank). Forgetting to divide by the scale would multiply the delta by alpha / r.
-- `merge(model)`: a vanilla Decoder with every depth's weight materialised as W_u + scale * B A
-  (unmerged inference is the model itself; the two agree to float rounding).
+- merging the adapters into plain weights is a conversion: `recursa.convert.recursive.merge`.
 """
 from __future__ import annotations
 
@@ -101,29 +100,4 @@ def build(cfg: ModelConfig, shared_depths) -> nn.ModuleDict | None:
     return adapters
 
 
-@torch.no_grad()
-def merge(model) -> "nn.Module":
-    """A vanilla Decoder computing what `model` computes, one materialised Block per depth."""
-    from recursa.model.decoder import Decoder
-
-    cfg = model.cfg.replace(sharing="none", n_loops=1, lora_rank_attn=0, lora_rank_mlp=0, lora_alpha=None)
-    w = model.embed_tokens.weight
-    with torch.device("meta"):
-        merged = Decoder(cfg)
-    state = {}
-    for name, t in model.state_dict().items():
-        if not name.startswith(("layers.", "lora.")):
-            state[name] = t.clone()
-    for d in range(model.depth):
-        adapters = model.adapters(d)
-        for name, t in model.stage(d).state_dict().items():
-            proj = name.split(".")[1] if "." in name else None
-            if adapters is not None and proj in adapters:
-                t = t + adapters[proj].delta_weight().to(t.dtype)
-            state[f"layers.{d}.{name}"] = t.clone()
-    merged.load_state_dict(state, strict=True, assign=True)
-    merged.inv_freq = model.inv_freq.clone()
-    return merged.to(device=w.device).train(model.training)
-
-
-__all__ = ["LoRA", "build", "merge", "projection_shapes", "module_of", "scale_for", "ATTN_PROJ", "MLP_PROJ"]
+__all__ = ["LoRA", "build", "projection_shapes", "module_of", "scale_for", "ATTN_PROJ", "MLP_PROJ"]

@@ -5,7 +5,7 @@
    label = 1 when the exit's top-1 equals the final layer's top-1 (`exit_examples`). The hidden
    state and features are those the early-exit decoder sees (saturation against the previous
    exit, the first exit against one layer below).
-2. Fit: one small MLP per exit (recursa.engine.exit_classifier.ExitClassifier), plain BCE with
+2. Fit: one small MLP per exit (recursa.model.exit_classifier.ExitClassifier), plain BCE with
    AdamW on random minibatches of the collected examples, all exits each step (`fit`).
 3. Report on held-out windows of the val split (`evaluate`): per exit the agreement rate, the
    classifier's accuracy at 0.5, ROC AUC of the classifier and of max-prob, and the precision
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from recursa.data.packed import read_tokens
-from recursa.engine.confidence import features
-from recursa.engine.exit_classifier import ExitClassifier
+from recursa.model.confidence import features
+from recursa.model.exit_classifier import ExitClassifier
 from recursa.errors import RecursaError
 from recursa.model import load
-from recursa.model.exits import ExitSpec, exit_logits
+from recursa.model.exits import ExitSpec, exit_logits, saturation_reference
 from recursa.train.data import data_vocab_size, val_windows
 
 Examples = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # depth -> (hidden [N,D], feats [N,3], labels [N])
@@ -44,14 +44,13 @@ def exit_examples(model: nn.Module, input_ids: torch.Tensor, depths) -> Examples
     depths = ExitSpec(tuple(depths)).check(model.depth).depths
     hidden = model.forward_hidden(input_ids)
     final = model.head(hidden[-1]).argmax(-1)
-    out, prev = {}, None
+    out = {}
     for d in depths:
         h = hidden[d]
         logits = exit_logits(model, h, d)
         labels = (logits.argmax(-1) == final).float()
-        feats = features(logits, h, hidden[d - 1] if prev is None else hidden[prev])
+        feats = features(logits, h, hidden[saturation_reference(depths, d)])
         out[d] = (h.flatten(0, 1).float(), feats.flatten(0, 1), labels.flatten())
-        prev = d
     return out
 
 

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recursa.engine.confidence import features
+from recursa.model.confidence import features
 from recursa.errors import RecursaError
 
 WEIGHTS_FILE = "exit_classifier.safetensors"

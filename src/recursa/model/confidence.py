@@ -2,18 +2,18 @@
 
 Every measure maps (logits [V], hidden [D], prev_hidden [D], depth) of one token at the exit after
 `depth` layers to a float, larger = more confident, compared against a threshold by the
-early-exit decoder:
+engine's exit policy:
 
     max_prob     the largest softmax probability (CALM "softmax", FREE's confidence)
     margin       top-1 minus top-2 softmax probability
     saturation   cosine similarity of the hidden state at this exit and at the previous exit
                  (for the first exit: the hidden state one layer below) — CALM's "state" measure
-    classifier   a learned ExitClassifier (recursa.engine.exit_classifier): P(exit agrees with the
+    classifier   a learned ExitClassifier (recursa.model.exit_classifier): P(exit agrees with the
                  final layer) from the hidden state and the three measures above; trained in a
                  second stage (`recursa train-exit-classifier`) and loaded from the model directory.
 
-    conf = confidence("max_prob")(logits, h, h_prev, depth)
-    conf = confidence(load_exit_classifier("runs/ee/model"))(logits, h, h_prev, depth)
+Pure tensor math shared by training (exit classifier examples) and the engine's exit policy
+(recursa.engine.exit_policy.confidence turns a name or a classifier into a callable).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from recursa.errors import RecursaError
 
 Confidence = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], float]
 
@@ -58,20 +57,4 @@ MEASURES = {
 CHOICES = (*MEASURES, "classifier")  # "classifier" needs a trained ExitClassifier (the CLI loads the model's)
 
 
-def confidence(measure) -> Confidence:
-    """The measure as a callable (logits [V], hidden [D], prev_hidden [D], depth) -> float.
-
-    `measure` is a name in MEASURES or a trained ExitClassifier (see `load_exit_classifier`)."""
-    from recursa.engine.exit_classifier import ExitClassifier
-
-    if isinstance(measure, ExitClassifier):
-        return measure.score
-    if measure == "classifier":
-        raise RecursaError("the classifier measure needs a trained exit classifier: pass "
-                           "load_exit_classifier(MODEL_DIR) instead of the name")
-    if measure not in MEASURES:
-        raise RecursaError(f"unknown confidence measure {measure!r}; choose from {', '.join(CHOICES)}")
-    return MEASURES[measure]
-
-
-__all__ = ["Confidence", "max_prob", "margin", "saturation", "features", "confidence", "MEASURES", "CHOICES"]
+__all__ = ["Confidence", "max_prob", "margin", "saturation", "features", "MEASURES", "CHOICES"]
