@@ -1,7 +1,7 @@
 """Early-exit decoding against full-depth greedy decoding on the same prompts, in one run.
 
 For a model with exits (config `exit_depths`, from `recursa train --exit-depths`), each prompt
-is decoded greedily at full depth (recursa.engine.generate.generate), then by the early-exit
+is decoded greedily at full depth (the engine at batch 1), then by the early-exit
 decoder (recursa.engine.early_exit) for every KV strategy x threshold policy. Per config:
 
 - speed: wall-clock new tokens/s, and its ratio to full depth measured in this run;
@@ -92,7 +92,8 @@ def main() -> None:
     from recursa.engine.early_exit import early_exit_generate
     from recursa.engine.exit_policy import ExitPolicy
     from recursa.model.exit_classifier import load_exit_classifier
-    from recursa.engine.generate import generate
+    from recursa.engine.llm import LLM
+    from recursa.engine.sampling_params import SamplingParams
     from recursa.model import load
     from recursa.model.exits import ExitSpec
 
@@ -106,11 +107,13 @@ def main() -> None:
     L = model.depth
 
     # warm-up (first-call allocations, kernel selection) so the first timed config is not penalised
-    generate(model, prompts[0], 4)
+    full_depth = LLM(model, max_num_seqs=1)
+    greedy = SamplingParams(temperature=0, max_tokens=args.max_new, ignore_eos=True)
+    full_depth.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))
 
-    def run_full():
+    def run_full():   # the engine at batch 1, one request after the other
         t = time.perf_counter()
-        outs = [generate(model, pr, args.max_new) for pr in prompts]
+        outs = [full_depth.generate(pr, greedy)[0].token_ids for pr in prompts]
         return outs, time.perf_counter() - t
 
     ref, full_s = run_full()

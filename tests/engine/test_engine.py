@@ -1,7 +1,7 @@
 """The batching engine agrees with independent references, token for token.
 
 References: argmax of the plain full-sequence forward `model(ids)` (recomputed from scratch
-for every token) and the single-request cached decoder `recursa.engine.generate`. Requests of
+for every token) and the plain full forward (tests/reference.py). Requests of
 different prompt lengths arrive at different steps; both stage policies, chunked prefill (tiny
 token budget) and preemption (tiny KV budget) must not change a single token.
 """
@@ -11,7 +11,7 @@ import torch
 import recursa
 from recursa import SamplingParams
 from recursa.config import preset
-from recursa.engine.generate import generate
+from reference import full_forward_generate
 from recursa.errors import RecursaError
 from recursa.model import Decoder
 
@@ -111,7 +111,7 @@ def test_greedy_equals_full_forward(model, reference, policy, case):
 
 
 def test_equals_single_request_decoder_and_policies_agree(model):
-    expected = [generate(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    expected = [full_forward_generate(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
     for policy in ("depthwise", "synchronous"):
         outs = LLM(model, policy=policy, max_num_batched_tokens=16).generate(PROMPTS, params)
@@ -147,12 +147,12 @@ def test_seeded_sampling_reproducible_and_batch_independent(model):
         [SamplingParams(temperature=1.0, max_tokens=15, seed=5), params, SamplingParams(temperature=0, max_tokens=15)],
     )[1].token_ids
     assert alone == crowd
-    assert alone == generate(model, PROMPTS[0], 15, temperature=0.9, top_k=50, top_p=0.9, seed=123)
+    assert alone == full_forward_generate(model, PROMPTS[0], 15, temperature=0.9, top_k=50, top_p=0.9, seed=123)
     assert alone != LLM(model).generate([PROMPTS[0]], SamplingParams(temperature=0.9, seed=124, max_tokens=15))[0].token_ids
 
 
 def test_stop_token_ids_and_eos(model):
-    greedy = generate(model, PROMPTS[1], 10)
+    greedy = full_forward_generate(model, PROMPTS[1], 10)
     llm = LLM(model)
     out = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[greedy[4]]))[0]
     stop_at = greedy.index(greedy[4])
@@ -180,7 +180,7 @@ def test_abort_frees_memory_and_spares_the_others(model):
     while llm.has_unfinished():
         outs += llm.step()
     assert {o.request_id for o in outs} == {"keep"}
-    assert outs[-1].token_ids == generate(model, PROMPTS[1], 20)
+    assert outs[-1].token_ids == full_forward_generate(model, PROMPTS[1], 20)
     assert llm.stats()["kv_free_blocks"] == llm.stats()["kv_blocks"]
 
 
@@ -192,7 +192,7 @@ def test_streaming_deltas_add_up(model):
         for out in llm.step():
             deltas += out.delta_token_ids
             last = out
-    assert deltas == last.token_ids == generate(model, PROMPTS[2], 6) and last.finished
+    assert deltas == last.token_ids == full_forward_generate(model, PROMPTS[2], 6) and last.finished
 
 
 def test_bad_requests_are_user_errors(model):

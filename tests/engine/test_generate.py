@@ -1,9 +1,9 @@
-"""The cached single-request decoder agrees with argmax of the plain full-sequence forward."""
+"""Sampling rules, and the engine at batch 1 agreeing with argmax of the plain full-sequence forward."""
 import pytest
 import torch
 
 from recursa.config import preset
-from recursa.engine.generate import generate
+from recursa import LLM, SamplingParams
 from recursa.engine.sampling import sample
 from recursa.errors import RecursaError
 from recursa.model import Decoder
@@ -17,7 +17,7 @@ def model():
 
 def test_greedy_equals_full_forward_argmax(model):
     prompt = [5, 17, 99, 3, 250]
-    out = generate(model, prompt, 20)
+    out = LLM(model).generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].token_ids
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(20):
@@ -26,10 +26,11 @@ def test_greedy_equals_full_forward_argmax(model):
 
 
 def test_stop_ids_and_seeded_sampling(model):
-    first = generate(model, [1, 2, 3], 5)[0]
-    assert generate(model, [1, 2, 3], 5, stop_ids=[first]) == [first]
-    a = generate(model, [1, 2, 3], 10, temperature=1.0, seed=7)
-    b = generate(model, [1, 2, 3], 10, temperature=1.0, seed=7)
+    llm = LLM(model)
+    first = llm.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0].token_ids[0]
+    out = llm.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[first]))[0]
+    assert out.token_ids == [first] and out.finish_reason == "stop"
+    a, b = (llm.generate([1, 2, 3], SamplingParams(temperature=1.0, max_tokens=10, seed=7))[0].token_ids for _ in "ab")
     assert a == b
 
 
@@ -42,5 +43,5 @@ def test_top_k_and_top_p_restrict_support():
 
 
 def test_too_long_prompt_is_a_user_error(model):
-    with pytest.raises(RecursaError, match="max_seq_len"):
-        generate(model, [1] * 250, 10)
+    with pytest.raises(RecursaError, match="max_model_len"):
+        LLM(model).generate([1] * 256, SamplingParams(max_tokens=10))

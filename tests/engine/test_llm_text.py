@@ -10,7 +10,7 @@ from recursa import LLM, SamplingParams
 from recursa.cli import main
 from recursa.config import preset
 from recursa.data.tokenizer import train_tokenizer
-from recursa.engine.generate import generate
+from reference import full_forward_generate
 from recursa.model import Decoder
 
 
@@ -35,7 +35,7 @@ def test_text_prompt_and_text_output(llm):
     out = llm.generate("once upon a time", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
     ids = tok.encode("once upon a time")
     assert out.prompt == "once upon a time" and out.prompt_token_ids == ids
-    assert out.token_ids == generate(model, ids, 12)
+    assert out.token_ids == full_forward_generate(model, ids, 12)
     assert out.text == tok.decode(out.token_ids)
 
 
@@ -92,5 +92,5 @@ def test_smollm2_engine_equals_single_request_decoder():
     prompts = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):"]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
-        assert out.token_ids == generate(llm.model, llm.tokenizer.encode(prompt), 16)
+        assert out.token_ids == full_forward_generate(llm.model, llm.tokenizer.encode(prompt), 16)
     assert "Paris" in outs[0].text

@@ -152,11 +152,13 @@ def chat_prompt_ids(tokenizer, text: str = CHECK_PROMPT) -> list[int]:
 @torch.inference_mode()
 def check_agreement(model, hf_model, prompt_ids: list[int], n_tokens: int = CHECK_TOKENS) -> dict:
     """Compare recursa and transformers: prompt logits and greedy tokens (raises when they differ)."""
-    from recursa.engine.generate import generate
+    from recursa.engine.llm import LLM
+    from recursa.engine.sampling_params import SamplingParams
 
     ids = torch.tensor([prompt_ids])
     diff = (model(ids) - hf_model(ids).logits).abs().max().item()
-    ours = generate(model, prompt_ids, n_tokens)
+    greedy = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True)
+    ours = LLM(model, max_num_seqs=1).generate(prompt_ids, greedy)[0].token_ids
     theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_tokens,
                                min_new_tokens=n_tokens, eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
     if diff > 1e-3 or ours != theirs:
