@@ -89,15 +89,15 @@ def test_greedy_equals_full_forward(model, reference, policy, case):
 
     llm.router.arrive = arrive
     budget = llm.config.max_num_batched_tokens
-    run_stage = llm.runner.run_stage
+    run_span = llm.runner.run_span
 
-    def checked_run_stage(seqs):  # the budgets hold at every stage run
+    def checked_run_span(seqs):  # the budgets hold at every span run, which covers the whole model
         assert sum(s.chunk_len for s in seqs) <= budget
         assert len(llm.scheduler.running) <= llm.config.max_num_seqs
-        assert len({llm.model.depth_to_layer[s.depth] for s in seqs}) == 1
-        run_stage(seqs)
+        assert {s.depth for s in seqs} == {0} and llm.runner.span_len[0] == model.depth
+        run_span(seqs)
 
-    llm.runner.run_stage = checked_run_stage
+    llm.runner.run_span = checked_run_span
     done = _run_staggered(llm)
     for i, (tokens, _) in enumerate(reference):
         assert done[i].token_ids == tokens, f"request {i}"
@@ -118,25 +118,22 @@ def test_equals_single_request_decoder_and_policies_agree(model):
         assert [o.token_ids for o in outs] == expected
 
 
-def test_depthwise_mixes_depths(model):
-    """Depth-wise batching really runs requests at different depths (synchronous never does)."""
-    def max_depth_spread(policy):
-        llm = LLM(model, policy=policy)
-        spread = 0
-        real = llm.runner.run_stage
+def test_vanilla_model_runs_one_span_per_step(model):
+    """A vanilla model is one span: every step runs the whole stack once (one Python step per token round)."""
+    llm = LLM(model)
+    steps = 0
+    real = llm.runner.run_span
 
-        def run_stage(seqs):
-            nonlocal spread
-            depths = {s.depth for s in llm.scheduler.running if s.in_flight}
-            spread = max(spread, max(depths) - min(depths))
-            real(seqs)
+    def run_span(seqs):
+        nonlocal steps
+        steps += 1
+        real(seqs)
 
-        llm.runner.run_stage = run_stage
-        _run_staggered(llm)
-        return spread
-
-    assert max_depth_spread("synchronous") == 0
-    assert max_depth_spread("depthwise") > 0
+    llm.runner.run_span = run_span
+    _run_staggered(llm)
+    stats = llm.stats()
+    assert llm.boundaries == [0, model.depth]
+    assert stats["span_runs"] == steps and stats["stage_runs"] == steps * model.depth
 
 
 def test_seeded_sampling_reproducible_and_batch_independent(model):

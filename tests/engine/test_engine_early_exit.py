@@ -126,3 +126,28 @@ def test_engine_early_exit_saves_stage_work():
 def test_engine_rejects_exit_policy_beyond_depth():
     with pytest.raises(RecursaError):
         recursa.LLM(_model(), exit_policy=ExitPolicy(ExitSpec((6,)), measure, Fixed(0.5)))
+
+
+def test_preemption_does_not_change_early_exit_outputs():
+    """A request preempted mid-generation is recomputed from its prompt + outputs; its newest token still
+    runs as a decode token, so it exits where the rule says (not full depth as a prefill token would)."""
+    model = _model()
+    spec = ExitSpec((2, 4))
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    def make():
+        return recursa.LLM(model, exit_policy=ExitPolicy(spec, lambda *a: 1.0, Fixed(0.5)), kv_cache_memory=2**20)
+
+    alone = make().generate([PROMPTS[0]], p)[0]
+    llm = make()
+    llm.add_request("r", PROMPTS[0], p)
+    out, preempted = None, False
+    while llm.has_unfinished():
+        for o in llm.step():
+            out = o
+        seq = llm.seqs.get("r")
+        if not preempted and seq is not None and len(seq.output_token_ids) == 4 and not seq.in_flight:
+            llm.scheduler.preempt(seq)     # what memory pressure does: free its KV, recompute later
+            preempted = True
+    assert preempted and llm.stats()["preemptions"] == 1
+    assert out.token_ids == alone.token_ids and out.exit_depths == alone.exit_depths == [6] + [2] * 9

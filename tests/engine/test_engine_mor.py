@@ -13,7 +13,6 @@ import torch
 import recursa
 from recursa import SamplingParams
 from recursa.config import ModelConfig, preset
-from recursa.engine.depth_router import steps_run
 from recursa.model import Decoder
 
 if "mor_router" not in ModelConfig.__dataclass_fields__:
@@ -45,7 +44,7 @@ def _run(llm, record, max_tokens=MAX_TOKENS):
             if row is not None:
                 record[(s.request_id, s.num_tokens - s.num_prompt_tokens)] = row
             if s.chunk_end == s.num_tokens:
-                record[(s.request_id, "steps")] = steps_run(s)
+                record[(s.request_id, "steps")] = llm.router.steps_run(s)
         return done
 
     llm.router.arrive = arrive
@@ -98,7 +97,7 @@ def test_engine_mor_kv_memory():
     entries only for the tokens that ran a step (fewer than full depth)."""
     full = 6
     shared = recursa.LLM(_model("expert", "share", "cycle"), kv_cache_memory=2**20)
-    assert shared.kv.num_depths == 2 and shared.kv.kv_bytes_per_token * full == \
+    assert shared.kv.num_cache_layers == 2 and shared.kv.kv_bytes_per_token * full == \
         recursa.LLM(_model("expert", "recursion", "cycle"), kv_cache_memory=2**20).kv.kv_bytes_per_token * 2
     llm = recursa.LLM(_model("expert", "recursion", "cycle"), kv_cache_memory=2**20)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))

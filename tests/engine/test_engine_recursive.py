@@ -43,14 +43,14 @@ def test_recursive_greedy_equals_full_forward(sharing):
     for policy in ("depthwise", "synchronous"):
         llm = LLM(model, policy=policy, max_num_batched_tokens=16, kv_cache_memory=2**20)
         mixed = 0
-        real = llm.runner.run_stage
+        real = llm.runner.run_span
 
-        def run_stage(seqs):
+        def run_span(seqs):
             nonlocal mixed
             mixed = max(mixed, len({s.depth for s in seqs}))
             real(seqs)
 
-        llm.runner.run_stage = run_stage
+        llm.runner.run_span = run_span
         done, step, added = {}, 0, 0
         while added < len(PROMPTS) or llm.has_unfinished():
             while added < len(PROMPTS) and ARRIVAL[added] <= step:

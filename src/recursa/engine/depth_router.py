@@ -1,46 +1,63 @@
-"""Where each in-flight token goes after a stage run: on, out of the shared block, or out of the model.
+"""Where each in-flight token goes when it reaches a span boundary: on, out of the shared block, or out.
 
-The engine calls `arrive(seqs)` when tokens reach a new depth (after embedding, and after every
-stage run). A router moves tokens between depths for its model family and returns the requests
-whose chunk is done, with the logits of the newest token when it is to be sampled now:
+The engine calls `enter(seqs)` when chunks are embedded at depth 0 and `arrive(seqs)` after every
+span run. A router moves tokens between depths for its model family and returns the requests
+whose chunk is done, with the logits of the newest token when it is to be sampled now. It names
+the depths where it must see tokens (`boundaries`), which is where the engine ends its spans,
+and owns its family's per-request state (a small dataclass per request; `forget` drops it when a
+request finishes, is aborted or preempted):
 
 - FullDepth (vanilla and recursive models): a chunk is done at the last depth; its newest
   token's logits come from the final norm + LM head.
 - MoRRouting (Mixture-of-Recursions, recursa.model.mor): at the start of each recursion step the
   router decides per token (`model.mor_route`, causal: a token's own hidden state only) whether
   it runs the step; at the step's end its residual update is gated (`model.mor_update`). Tokens
-  that stop wait in `seq.parked` at the end of the shared block; the rest of their chunk joins
+  that stop wait (`MoRState.parked`) at the end of the shared block; the rest of their chunk joins
   them there and they all run the coda and head together, so causal order holds everywhere.
 - EarlyExit (exits after chosen depths, e.g. the loop ends of a recursive model): at an exit
   depth the newest decode token's exit logits give a confidence; above the threshold the token
   is emitted from there (synchronized parallel decoding, FREE): its in-flight hidden states wait
-  on `seq.stack` at that depth, and the next token of the request that reaches that depth takes
-  them along, in one causal run, so every deeper KV entry is written exactly. Prefill chunks run
-  full depth. Each full-depth pass feeds (confidence, exit argmax == final argmax, exit depth)
-  for every exit the token passed to the threshold (FREE's online calibration, per exit).
+  on `ExitState.stack` at that depth, and the next token of the request that reaches that depth
+  takes them along, in one causal run, so every deeper KV entry is written exactly. Prefill
+  chunks run full depth. Each full-depth pass labels every exit the token passed
+  (ExitPolicy.observe, FREE's online calibration, per exit).
 
 All of it works on whole tensors per request or per group of requests; no per-token loops.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from recursa.engine.exit_policy import ExitPolicy
 from recursa.engine.model_runner import ModelRunner
 from recursa.engine.sequence import Sequence
 from recursa.errors import RecursaError
+from recursa.model.exits import saturation_reference
 
 Done = tuple[Sequence, "torch.Tensor | None"]   # (request whose chunk is done, logits [V] to sample from or None)
 
 
-class FullDepth:
-    """Every token runs every depth."""
+class Router:
+    """Every token runs every depth (vanilla and recursive models); the base of the adaptive routers."""
 
     def __init__(self, model, runner: ModelRunner):
         self.model, self.runner, self.depth = model, runner, model.depth
 
+    def boundaries(self) -> set[int]:
+        """Depths where this router must see the tokens (spans end there)."""
+        return {self.depth}
+
     def executed_depth(self, seq: Sequence) -> int:
         """Stage passes behind the newest token's prediction (reported per output token)."""
         return self.depth
+
+    def enter(self, seqs: list[Sequence]) -> None:
+        """Chunks just embedded at depth 0."""
+
+    def forget(self, seq: Sequence) -> None:
+        """Drop seq's routing state (finished, aborted, or preempted: recomputed from its tokens)."""
 
     def arrive(self, seqs: list[Sequence]) -> list[Done]:
         return self._finish([s for s in seqs if s.depth == self.depth])
@@ -49,41 +66,72 @@ class FullDepth:
         sample = [s for s in done if s.chunk_end == s.num_tokens]
         logits = self.runner.run_head(torch.stack([s.hidden[-1] for s in sample])) if sample else []
         rows = dict(zip(map(id, sample), logits))
-        for s in done:
-            s.exit_depth = self.executed_depth(s)
         return [(s, rows.get(id(s))) for s in done]
 
 
-class MoRRouting(FullDepth):
+@dataclass
+class MoRState:
+    h_entry: torch.Tensor | None = None     # in-flight tokens' hidden state at the shared block's entry
+    h_start: torch.Tensor | None = None     # ... at the start of the current recursion step
+    gate: torch.Tensor | None = None        # ... their gates for this step
+    parked: list = field(default_factory=list)       # (positions, hidden) of tokens that stopped early
+    route_log: list = field(default_factory=list)    # (positions, steps run): see `steps_run`
+    newest_steps: int = 0                   # recursion steps of the newest token
+
+
+class MoRRouting(Router):
     """Per-token recursion depth chosen causally by the model's router."""
 
     def __init__(self, model, runner: ModelRunner):
         super().__init__(model, runner)
         st = model.structure()
-        self.k = len(st.shared_layers)
-        self.n_steps = st.n_loops
-        self.entry = st.shared[0]
-        self.end = st.shared[-1] + 1
+        self.k, self.n_steps = len(st.shared_layers), st.n_loops
+        self.entry, self.end = st.shared[0], st.shared[-1] + 1
         self.outside = len(st.prelude) + len(st.coda)
+        self.state: dict[int, MoRState] = {}
 
-    def executed_depth(self, seq: Sequence) -> int:
-        return self.outside + self.k * seq.newest_steps
+    def boundaries(self):
+        return {self.depth} | {self.entry + r * self.k for r in range(self.n_steps + 1)}
 
-    def arrive(self, seqs: list[Sequence]) -> list[Done]:
-        at_entry = [s for s in seqs if s.depth == self.entry and s.h_entry is None]
-        if at_entry:
+    def _of(self, seq: Sequence) -> MoRState:
+        st = self.state.get(id(seq))
+        if st is None:
+            st = self.state[id(seq)] = MoRState()
+        return st
+
+    def forget(self, seq):
+        self.state.pop(id(seq), None)
+
+    def executed_depth(self, seq):
+        return self.outside + self.k * self._of(seq).newest_steps
+
+    def steps_run(self, seq: Sequence) -> dict[int, int]:
+        """Recursion steps each position of seq ran, from its routing log."""
+        out: dict[int, int] = {}
+        for positions, r in self._of(seq).route_log:
+            out.update(dict.fromkeys(positions.tolist(), r))
+        return out
+
+    def enter(self, seqs):
+        if self.entry == 0:
+            self._route(seqs, 0, entering=True)
+
+    def arrive(self, seqs):
+        at_entry = [s for s in seqs if s.depth == self.entry and self._of(s).h_entry is None]
+        if at_entry and self.entry > 0:
             self._route(at_entry, 0, entering=True)
         ends: dict[int, list[Sequence]] = {}
         for s in seqs:
             r, rem = divmod(s.depth - self.entry, self.k)
-            if rem == 0 and 1 <= r <= self.n_steps and s.h_entry is not None:
+            if rem == 0 and 1 <= r <= self.n_steps and self._of(s).h_entry is not None:
                 ends.setdefault(r, []).append(s)
         for r, group in sorted(ends.items()):
             for s in group:   # step r-1 ends: gate its residual branch
-                s.hidden = self.model.mor_update(s.h_start, s.hidden, s.gate)
-                s.route_log.append((s.positions, r))
+                st = self._of(s)
+                s.hidden = self.model.mor_update(st.h_start, s.hidden, st.gate)
+                st.route_log.append((s.positions, r))
                 if int(s.positions[-1]) == s.chunk_end - 1:
-                    s.newest_steps = r
+                    st.newest_steps = r
             if r < self.n_steps:
                 self._route(group, r)
             else:
@@ -93,27 +141,29 @@ class MoRRouting(FullDepth):
 
     def _route(self, seqs: list[Sequence], step: int, entering: bool = False) -> None:
         h = torch.cat([s.hidden for s in seqs])
-        h_entry = h if entering else torch.cat([s.h_entry for s in seqs])
+        h_entry = h if entering else torch.cat([self._of(s).h_entry for s in seqs])
         with torch.inference_mode():
             go, gate = self.model.mor_route(step, h, h_entry)
         sizes = [s.n_in_flight for s in seqs]
         go_host = go.cpu()          # positions live on the host, hidden states on the model's device
         everyone = bool(go_host.all())   # the common case (always at step 0): one check, not one per request
         for s, g, gh, w, he in zip(seqs, go.split(sizes), go_host.split(sizes), gate.split(sizes), h_entry.split(sizes)):
+            st = self._of(s)
             if everyone or bool(gh.all()):
-                s.h_entry, s.h_start, s.gate = he, s.hidden, w
+                st.h_entry, st.h_start, st.gate = he, s.hidden, w
                 continue
-            s.parked.append((s.positions[~gh], s.hidden[~g]))
+            st.parked.append((s.positions[~gh], s.hidden[~g]))
             if not bool(gh.any()):      # nothing left to recur: the chunk jumps to the block's end
                 s.depth = self.end
                 self._leave_block(s, active=False)
                 continue
             s.set_tokens(s.positions[gh], s.hidden[g])
-            s.h_entry, s.h_start, s.gate = he[g], s.hidden, w[g]
+            st.h_entry, st.h_start, st.gate = he[g], s.hidden, w[g]
 
     def _leave_block(self, s: Sequence, active: bool) -> None:
         """The whole chunk is at the shared block's end: parked and active tokens rejoin in position order."""
-        parts = s.parked + ([(s.positions, s.hidden)] if active else [])
+        st = self._of(s)
+        parts = st.parked + ([(s.positions, s.hidden)] if active else [])
         if len(parts) > 1:
             positions = torch.cat([p for p, _ in parts])
             order = positions.argsort()
@@ -121,32 +171,54 @@ class MoRRouting(FullDepth):
             s.set_tokens(positions[order], hidden[order.to(hidden.device)])
         else:
             s.set_tokens(*parts[0])
-        s.parked = []
-        s.h_entry = s.h_start = s.gate = None
+        st.parked = []
+        st.h_entry = st.h_start = st.gate = None
 
 
-def steps_run(seq: Sequence) -> dict[int, int]:
-    """Recursion steps each position ran (Mixture-of-Recursions), from the request's routing log."""
-    out: dict[int, int] = {}
-    for positions, r in seq.route_log:
-        out.update(dict.fromkeys(positions.tolist(), r))
-    return out
+@dataclass
+class ExitState:
+    stack: list = field(default_factory=list)     # (positions, hidden, depth) of exited tokens missing deeper KV
+    obs: list = field(default_factory=list)       # (exit depth, confidence, argmax) the newest token passed
+    seen: dict = field(default_factory=dict)      # depth -> the newest token's hidden state there
+    exit_depth: int = 0                           # depth the newest prediction came from
 
 
-class EarlyExit(FullDepth):
+class EarlyExit(Router):
     """Exits after `policy.spec.depths` with a confidence threshold; lossless KV by parallel decoding."""
 
-    def __init__(self, model, runner: ModelRunner, policy):
+    def __init__(self, model, runner: ModelRunner, policy: ExitPolicy):
         super().__init__(model, runner)
         policy.spec.check(model.depth)
-        self.policy = policy
-        self.exits = set(policy.spec.depths)
-        self.first = min(self.exits)
+        self.policy, self.exits = policy, tuple(policy.spec.depths)
+        self.refs = {saturation_reference(self.exits, d) for d in self.exits} if policy.uses_reference else set()
+        self.state: dict[int, ExitState] = {}
 
-    def arrive(self, seqs: list[Sequence]) -> list[Done]:
+    def boundaries(self):
+        return {self.depth} | set(self.exits) | self.refs
+
+    def _of(self, seq: Sequence) -> ExitState:
+        st = self.state.get(id(seq))
+        if st is None:
+            st = self.state[id(seq)] = ExitState()
+        return st
+
+    def forget(self, seq):
+        self.state.pop(id(seq), None)
+
+    def executed_depth(self, seq):
+        return self._of(seq).exit_depth
+
+    def _remember(self, seqs: list[Sequence]) -> None:
+        """Keep the newest token's hidden state at the depths hidden-state measures compare with."""
         for s in seqs:
-            if s.is_decode and s.depth + 1 == self.first:
-                s.prev_exit_hidden = s.hidden[-1]    # "one layer below" for the saturation measure
+            if s.is_decode and s.depth in self.refs:
+                self._of(s).seen[s.depth] = s.hidden[-1]
+
+    def enter(self, seqs):
+        self._remember(seqs)
+
+    def arrive(self, seqs):
+        self._remember(seqs)
         by_depth: dict[int, list[Sequence]] = {}
         for s in seqs:
             if s.is_decode and s.depth in self.exits:
@@ -156,35 +228,36 @@ class EarlyExit(FullDepth):
         for d, group in sorted(by_depth.items()):
             h = torch.stack([s.hidden[-1] for s in group])
             logits = self.runner.run_head(h, d, self.policy.heads)
+            ref = saturation_reference(self.exits, d)
             for s, row, hs in zip(group, logits, h):
-                conf = self.policy.measure(row, hs, s.prev_exit_hidden, d)
-                s.prev_exit_hidden = hs
-                s.exit_obs.append((d, conf, int(row.argmax())))
+                st = self._of(s)
+                conf = self.policy.measure(row, hs, st.seen.get(ref), d)
+                st.seen[d] = hs
+                st.obs.append((d, conf, int(row.argmax())))
                 if conf >= self.policy.threshold(len(s.output_token_ids), d):
-                    s.stack.append((s.positions, s.hidden, d))
-                    s.exit_obs = []
-                    s.exit_depth = d
+                    st.stack.append((s.positions, s.hidden, d))
+                    st.obs, st.seen, st.exit_depth = [], {}, d
                     done.append((s, row))
                     exited.add(id(s))
         for s in seqs:   # tokens waiting at this depth on the stack join the newest one's run
-            if id(s) in exited or not s.stack or s.depth >= self.depth:
+            st = self.state.get(id(s))
+            if id(s) in exited or st is None or not st.stack or s.depth >= self.depth:
                 continue
-            join = [e for e in s.stack if e[2] == s.depth]
+            join = [e for e in st.stack if e[2] == s.depth]
             if join:
-                s.stack = [e for e in s.stack if e[2] != s.depth]
+                st.stack = [e for e in st.stack if e[2] != s.depth]
                 s.set_tokens(torch.cat([e[0] for e in join] + [s.positions]),
                              torch.cat([e[1] for e in join] + [s.hidden]))
         full = self._finish([s for s in seqs if s.depth == self.depth])
         for s, row in full:
+            st = self._of(s)
             if row is not None:
-                final = int(row.argmax())
-                for d, conf, argmax in s.exit_obs:
-                    self.policy.threshold.observe(conf, argmax == final, d)
-            s.exit_obs = []
+                self.policy.observe(st.obs, int(row.argmax()))
+            st.obs, st.seen, st.exit_depth = [], {}, self.depth
         return done + full
 
 
-def make_router(model, runner: ModelRunner, exit_policy=None) -> FullDepth:
+def make_router(model, runner: ModelRunner, exit_policy: ExitPolicy | None = None) -> Router:
     """The router for `model`'s family (an exit policy turns on early exit)."""
     if model.cfg.is_mor and exit_policy is not None:
         raise RecursaError("a Mixture-of-Recursions model chooses depth with its router; it takes no exit policy")
@@ -192,7 +265,7 @@ def make_router(model, runner: ModelRunner, exit_policy=None) -> FullDepth:
         return MoRRouting(model, runner)
     if exit_policy is not None:
         return EarlyExit(model, runner, exit_policy)
-    return FullDepth(model, runner)
+    return Router(model, runner)
 
 
-__all__ = ["FullDepth", "MoRRouting", "EarlyExit", "make_router", "steps_run"]
+__all__ = ["Router", "MoRRouting", "MoRState", "EarlyExit", "ExitState", "make_router"]

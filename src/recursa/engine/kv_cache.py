@@ -1,21 +1,20 @@
-"""The KV memory manager: owns every byte of key/value cache and hands it out in blocks.
+"""The KV memory manager: owns every byte of key/value cache, hands it out in blocks, and writes it.
 
-Memory is one pool of blocks per key and value tensor ([slots, Hkv, hd]); a block holds
-`block_size` tokens of one depth. Blocks are handed out in *groups*: one block per depth for
-the same `block_size` positions of one request, group g holding block g * num_depths + d for
-depth d. A request's block table is its list of groups, so the cache slot of position p at
-depth d is `base(p) + d * block_size` — one table serves every depth, and a stage run turns it
-into slots with one add.
+Memory is one pool of slots per key and value tensor ([slots, Hkv, hd]). Blocks are handed out
+in *groups*: one block of `block_size` positions per cache layer, group g holding the slots
+[g * C * block_size, (g + 1) * C * block_size) for C cache layers. A request's block table is its
+list of groups, so the slot of position p at cache layer c is `base(p) + c * block_size` — one
+table serves every depth, and a span run turns it into slots with one add per depth.
 
-Model KV strategies (DESIGN, "Mixture-of-Recursions"): a *cache layer* is one block per group.
-Normally every depth has its own; under recursive KV sharing the depths of loops >= 1 read the
-cache layer of loop 0 (`cache_layer_of`), so only the distinct ones get memory. Under
-recursion-wise caching a token that skipped a recursion step writes nothing there: `filled`
-marks the slots that hold a real entry, and attention masks the rest (`track_filled`).
+Model KV strategies (DESIGN, "Mixture-of-Recursions"): normally every depth has its own cache
+layer; under recursive KV sharing the depths of loops >= 1 read loop 0's (`cache_layer_of`),
+so only the distinct ones get memory. Under recursion-wise caching (`recursion_wise`) a token
+that skipped a recursion step writes nothing there: `filled` marks the slots that hold a real
+entry, `read` reports them and attention masks the rest.
 
-The byte budget fixes the number of groups; the scheduler asks `can_allocate` before admitting
-a chunk (admission control) and preempts a request — frees its blocks, recomputes it later —
-when a running request cannot grow.
+The manager alone writes the cache (`write`), counts what was written, and bumps `version`
+whenever a block table changes. The byte budget fixes the number of groups; the scheduler asks
+`can_allocate` before admitting a chunk and preempts a request when a running one cannot grow.
 """
 from __future__ import annotations
 
@@ -26,31 +25,29 @@ from recursa.errors import RecursaError
 
 
 class KVCacheManager:
-    def __init__(self, num_depths: int, n_kv_heads: int, head_dim: int, *, block_size: int, memory_bytes: int,
+    def __init__(self, model_depth: int, n_kv_heads: int, head_dim: int, *, block_size: int, memory_bytes: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 cache_layer_of: list[int] | None = None, track_filled: bool = False):
-        # depth -> cache layer; the distinct cache layers are what a block group holds
-        self.cache_layer_of = list(cache_layer_of) if cache_layer_of is not None else list(range(num_depths))
-        layers = sorted(set(self.cache_layer_of))
-        self.cache_layer_of = [layers.index(c) for c in self.cache_layer_of]
-        self.num_depths, self.block_size = len(layers), block_size
-        num_depths = self.num_depths
+                 cache_layer_of: list[int] | None = None, recursion_wise: bool = False):
+        sources = list(cache_layer_of) if cache_layer_of is not None else list(range(model_depth))
+        layers = sorted(set(sources))
+        self.cache_layer_of = [layers.index(c) for c in sources]   # depth -> cache layer
+        self.num_cache_layers, self.block_size = len(layers), block_size
         elem = torch.empty((), dtype=dtype).element_size()
         self.entry_bytes = 2 * n_kv_heads * head_dim * elem          # one token at one cache layer
-        self.kv_bytes_per_token = self.entry_bytes * num_depths      # reserved per token
+        self.kv_bytes_per_token = self.entry_bytes * self.num_cache_layers   # reserved per token
         self.num_blocks = memory_bytes // (block_size * self.kv_bytes_per_token)   # groups
         if self.num_blocks < 1:
             raise RecursaError(f"KV cache memory of {memory_bytes} bytes is less than one block "
                                f"({block_size} tokens x {self.kv_bytes_per_token} bytes over all depths)")
-        shape = (self.num_blocks * num_depths * block_size, n_kv_heads, head_dim)
+        self.group_slots = self.num_cache_layers * block_size
+        shape = (self.num_blocks * self.group_slots, n_kv_heads, head_dim)
         # zeros, not empty: padded attention reads (masked) slots, and 0 * NaN would poison the output
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.track_filled = track_filled
-        self.filled = torch.zeros(shape[0], dtype=torch.bool, device=device) if track_filled else None
+        self.filled = torch.zeros(shape[0], dtype=torch.bool, device=device) if recursion_wise else None
         self.entries_written = 0   # token entries written over the engine's life (KV bytes actually used)
         self.free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out 0, 1, ...
-        self.version = 0   # bumped by every allocate/free: the runner's cached slot maps check it
+        self.version = 0   # changes exactly when some block table changes
 
     @property
     def num_free_blocks(self) -> int:
@@ -59,6 +56,11 @@ class KVCacheManager:
     @property
     def memory_bytes(self) -> int:
         return self.num_blocks * self.block_size * self.kv_bytes_per_token
+
+    @property
+    def usage(self) -> float:
+        """Share of block groups held by requests (vLLM's kv_cache_usage_perc / 100)."""
+        return 1 - len(self.free_blocks) / self.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         """Block groups a request of num_tokens tokens holds."""
@@ -76,25 +78,27 @@ class KVCacheManager:
         need = self.blocks_needed(seq, num_tokens)
         if need > len(self.free_blocks):
             raise RuntimeError(f"allocate({seq.request_id}) without free blocks: need {need}")
+        if not need:
+            return
         new = [self.free_blocks.pop() for _ in range(need)]
         seq.block_table.extend(new)
-        if self.filled is not None and new:   # a reused block must not show its previous owner's entries
-            span = self.num_depths * self.block_size
-            idx = (torch.tensor(new)[:, None] * span + torch.arange(span)).view(-1)
+        if self.filled is not None:   # a reused block must not show its previous owner's entries
+            idx = (torch.tensor(new)[:, None] * self.group_slots + torch.arange(self.group_slots)).view(-1)
             self.filled[idx.to(self.filled.device)] = False
         self.version += 1
 
     def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(reversed(seq.block_table))
-        seq.block_table = []
-        self.version += 1
+        if seq.block_table:
+            self.free_blocks.extend(reversed(seq.block_table))
+            seq.block_table = []
+            self.version += 1
 
     def offset(self, depth: int) -> int:
         """Slot offset of `depth`'s cache layer inside a block group."""
         return self.cache_layer_of[depth] * self.block_size
 
     def slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
-        """Cache slots of positions 0..length-1 at depth 0 for each table: [len(tables), length].
+        """Cache slots of positions 0..length-1 at cache layer 0 for each table: [len(tables), length].
 
         Add `offset(depth)` for another depth. Positions past a table's end map into group 0:
         only masked attention reads them.
@@ -102,4 +106,21 @@ class KVCacheManager:
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         pos = torch.arange(length)
-        return padded[:, pos // self.block_size] * (self.num_depths * self.block_size) + pos % self.block_size
+        return padded[:, pos // self.block_size] * self.group_slots + pos % self.block_size
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys/values [n, Hkv, hd] of n tokens at their slots [n]."""
+        self.k.index_copy_(0, slots, k)
+        self.v.index_copy_(0, slots, v)
+        self.entries_written += len(slots)
+        if self.filled is not None:
+            self.filled[slots] = True
+
+    def read(self, slots: torch.Tensor):
+        """Keys, values [B, Hkv, S, hd] at slots [B, S], and which slots hold an entry ([B, S] bool, or
+        None when every slot a request's table covers does)."""
+        shape = (*slots.shape, *self.k.shape[1:])
+        flat = slots.view(-1)    # index_select: ~5x faster than k[slots]
+        keys = self.k.index_select(0, flat).view(shape).permute(0, 2, 1, 3)
+        values = self.v.index_select(0, flat).view(shape).permute(0, 2, 1, 3)
+        return keys, values, None if self.filled is None else self.filled[slots]

@@ -1,9 +1,12 @@
-"""Stage-selection policies: which stage the engine runs next, and when new tokens may enter.
+"""Span-selection policies: which span the engine runs next, and when new tokens may enter.
 
-Tokens waiting at depths that map to the same unique layer (`model.depth_to_layer`) share
-weights, so they form one *stage group* and run together. A policy sees the groups
-{key: [sequences whose in-flight tokens wait there]} and returns the key to run; keys are
-ordered like the stages' first depths.
+The engine cuts the model's depths into spans at its boundaries (llm_engine.py). Tokens waiting
+at boundaries whose spans run the same stages (unique layers, in the same order; e.g. the loops
+of a shared block) share weights, so they form one group keyed by the span key and run
+together. A policy sees the groups {key: [sequences whose in-flight tokens wait there]} and
+returns the key to run; `stage_keys` lists the keys in the order of their boundaries (the sweep).
+Below, "depth" and "stage" read as "boundary" and "span": for a model with one layer per span
+they are the same.
 
 - DepthwisePolicy ("depthwise", the default): continuous depth-wise batching as a *sweep* over
   the depths. New tokens enter depth 0 every step; the engine visits depths 0, 1, .., L-1 and
@@ -29,8 +32,6 @@ from recursa.engine.sequence import Sequence
 
 
 class StagePolicy(ABC):
-    name = "base"
-
     @abstractmethod
     def admit(self, running: list[Sequence]) -> bool:
         """May new chunks enter depth 0 now?"""
@@ -41,8 +42,6 @@ class StagePolicy(ABC):
 
 
 class DepthwisePolicy(StagePolicy):
-    name = "depthwise"
-
     def __init__(self, stage_keys: list[int], token_budget: int):
         self.order = list(stage_keys)    # the sweep: depth d's stage, for d = 0 .. L-1
         self.budget = token_budget
@@ -66,8 +65,6 @@ class DepthwisePolicy(StagePolicy):
 
 
 class FullestPolicy(StagePolicy):
-    name = "fullest"
-
     def admit(self, running):
         return True
 
@@ -76,8 +73,6 @@ class FullestPolicy(StagePolicy):
 
 
 class SynchronousPolicy(StagePolicy):
-    name = "synchronous"
-
     def admit(self, running):
         return not any(s.in_flight for s in running)
 

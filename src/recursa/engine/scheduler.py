@@ -2,7 +2,10 @@
 
 Each engine step it (1) lets idle running requests and then waiting ones send their next chunk
 into depth 0 — decode tokens and prefill chunks alike, within `max_num_batched_tokens` — and
-(2) returns the stage group the policy picks, capped at the token budget.
+(2) returns the span group the policy picks, capped at the token budget: the requests whose
+in-flight tokens wait at boundaries with the same span key (the same stages in the same order).
+A preempted request is recomputed in chunks that stop short of its newest token, which then runs
+alone as a decode token — so adaptive-depth decisions (early exit) do not depend on memory pressure.
 
 KV memory: a chunk's blocks are allocated at every depth when it enters. A waiting request is
 admitted only if its first chunk fits (admission control); a running request that cannot grow
@@ -12,6 +15,7 @@ from its prompt + output so far when readmitted), or is preempted itself if it i
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from recursa.engine.config import EngineConfig
 from recursa.engine.kv_cache import KVCacheManager
@@ -20,9 +24,12 @@ from recursa.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager, policy: StagePolicy, depth_to_layer: list[int]):
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, policy: StagePolicy, span_key: dict[int, int],
+                 on_reset: Callable[[Sequence], None]):
+        """span_key: boundary depth -> key of the span that starts there; on_reset(seq): the request's
+        chunk state is dropped (finished, aborted or preempted)."""
         self.max_num_seqs, self.max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
-        self.kv, self.policy, self.depth_to_layer = kv, policy, depth_to_layer
+        self.kv, self.policy, self.span_key, self.on_reset = kv, policy, span_key, on_reset
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -40,12 +47,15 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.end_chunk()
+        self.on_reset(seq)
         self.kv.free(seq)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
-        seq.reset_cache_state()
+        seq.end_chunk()
+        self.on_reset(seq)
+        seq.num_cached = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -61,7 +71,7 @@ class Scheduler:
                 return
             if seq.status is not SequenceStatus.RUNNING or seq.in_flight:
                 continue  # preempted earlier in this loop, or its chunk is still travelling
-            n = min(seq.num_tokens - seq.num_cached, budget)
+            n = self._chunk(seq, budget)
             need = self.kv.blocks_needed(seq, seq.num_cached + n)
             while not self.kv.can_allocate(need) and self.running[-1] is not seq:
                 victim = self.running[-1]
@@ -76,7 +86,7 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_cached, budget)
+            n = self._chunk(seq, budget)
             need = self.kv.blocks_needed(seq, n)
             if not self.kv.can_allocate(need):
                 return
@@ -87,12 +97,19 @@ class Scheduler:
             seq.start_chunk(n)
             budget -= n
 
-    # ---- step part 2: the stage group to run ----------------------------------------------------------
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """Tokens of seq's next chunk: what is uncached, within the budget; recomputation after a
+        preemption stops before the newest token, which comes next as a decode token of its own."""
+        end = seq.num_tokens - 1 if seq.num_cached < seq.num_tokens - 1 and seq.output_token_ids else seq.num_tokens
+        return min(end - seq.num_cached, budget)
+
+    # ---- step part 2: the span group to run ----------------------------------------------------------
     def next_group(self) -> list[Sequence]:
         groups: dict[int, list[Sequence]] = {}
         for seq in self.running:
             if seq.in_flight:
-                groups.setdefault(self.depth_to_layer[seq.depth], []).append(seq)
+                groups.setdefault(self.span_key[seq.depth], []).append(seq)
         if not groups:
             return []
         chosen, budget = [], self.max_num_batched_tokens

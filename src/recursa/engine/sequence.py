@@ -1,19 +1,16 @@
-"""One request's state: its tokens, its KV block table, and the tokens in flight.
+"""One request's state: its tokens, its KV block table, and the chunk of tokens in flight.
 
-A request moves one *chunk* of tokens at a time through the model's depths: a prefill chunk
-(positions [chunk_start, chunk_end) of the prompt) or the single newest token. `depth` is the
-stage the in-flight tokens wait at (-1: nothing in flight), `positions` [n] which positions
-they are and `hidden` [n, D] their hidden states. Adaptive-depth models change that set on
-the way (engine/depth_router.py):
+nano-vllm's fields plus the chunk in flight. A request moves one *chunk* at a time through the
+model's depths: a prefill chunk (positions [chunk_start, chunk_end) of the prompt) or the single
+newest token. `depth` is the span boundary the in-flight tokens wait at (-1: nothing in flight),
+`positions` [n] which positions they are and `hidden` [n, D] their hidden states (None until the
+chunk is embedded). An adaptive-depth router may change that set on the way (tokens that stop
+early, exited tokens picked up again): positions need not be contiguous. Family-specific state
+(Mixture-of-Recursions routing, early-exit stacks) belongs to the router (depth_router.py), the
+streaming text to the output processor.
 
-- Mixture-of-Recursions: tokens the router stops leave the shared block early and wait in
-  `parked` at its end; `h_entry`, `h_start` and `gate` carry the routing state of the rest.
-- Early exit with parallel decoding: a token that exits at depth e is emitted from there and
-  its hidden state waits in `stack` (with depth e) until the next token that goes deeper picks
-  it up at depth e, so its deep keys/values are written exactly.
-
-When the chunk leaves the last depth (or exits), `num_cached` advances and, if it reached the end
-of the tokens, the request samples its next token.
+When the chunk leaves the model (or exits), `num_cached` advances to `chunk_end` and, if it
+reached the end of the tokens, the request samples its next token.
 """
 from __future__ import annotations
 
@@ -22,12 +19,27 @@ from enum import Enum, auto
 import torch
 
 from recursa.engine.sampling_params import SamplingParams
+from recursa.errors import RecursaError
+
+
+def check_prompt(ids, vocab_size: int, max_len: int) -> list[int]:
+    """A prompt's token ids as ints, checked: non-empty, inside the vocabulary, room left to generate."""
+    try:
+        ids = [int(t) for t in ids]
+    except (TypeError, ValueError):
+        raise RecursaError("a prompt is a string or a list of token ids") from None
+    if not ids:
+        raise RecursaError("the prompt is empty")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise RecursaError(f"prompt holds token ids outside the vocabulary (0..{vocab_size - 1})")
+    if len(ids) >= max_len:
+        raise RecursaError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len {max_len}")
+    return ids
 
 
 class SequenceStatus(Enum):
     WAITING = auto()    # no KV held (new, or preempted: recompute from scratch)
     RUNNING = auto()    # holds KV blocks
-    FINISHED = auto()
 
 
 class Sequence:
@@ -39,30 +51,16 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.status = SequenceStatus.WAITING
-        self.num_cached = 0                       # tokens done with every depth (or parked on the exit stack)
-        self.block_table: list[int] = []          # KV block groups, one block per cache layer each (kv_cache.py)
+        self.num_cached = 0                       # tokens done with every depth (or parked on an exit stack)
+        self.block_table: list[int] = []          # KV block groups (kv_cache.py)
         self.chunk_start = self.chunk_end = 0
         self.depth = -1
-        self.positions: torch.Tensor | None = None   # [n] positions in flight
-        self.hidden: torch.Tensor | None = None      # [n, D] their hidden states (None: not embedded yet)
-        self.layout = 0                              # bumped whenever `positions` changes (runner metadata key)
+        self.positions: torch.Tensor | None = None   # [n] positions in flight (host)
+        self.hidden: torch.Tensor | None = None      # [n, D] their hidden states (model device)
         self.n_in_flight = 0                         # len(positions), kept as an int: the scheduler asks often
-        # Mixture-of-Recursions routing state of the in-flight tokens, and the tokens that stopped early
-        self.h_entry = self.h_start = self.gate = None
-        self.parked: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.route_log: list[tuple[torch.Tensor, int]] = []   # (positions, steps they ran), depth_router.steps_run
-        self.newest_steps = 0                        # recursion steps of the newest token
-        # early exit: (positions, hidden, depth) of exited tokens whose deeper KV is still missing
-        self.stack: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-        self.exit_depths: list[int] = []             # per output token: the depth it was predicted from
-        self.exit_obs: list[tuple[int, float, int]] = []  # (exit depth, confidence, argmax) of the newest token
-        self.prev_exit_hidden: torch.Tensor | None = None # saturation measure: hidden at the previous exit
-        self.exit_depth = 0                          # depth the newest prediction came from
+        self.depths: list[int] = []                  # per output token: depth (stage passes) behind its prediction
         self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         self.finish_reason: str | None = None
-        self.text = ""              # detokenized output (stop string cut off)
-        self.num_sent_tokens = 0    # streaming: what earlier deltas already carried
-        self.num_sent_chars = 0
         self.num_preemptions = 0
 
     @property
@@ -83,7 +81,7 @@ class Sequence:
 
     @property
     def chunk_len(self) -> int:
-        """Tokens in flight (what a stage run over this request costs)."""
+        """Tokens in flight (what a span run over this request costs)."""
         return self.n_in_flight if self.depth >= 0 else 0
 
     @property
@@ -92,25 +90,16 @@ class Sequence:
         return self.chunk_end == self.num_tokens and self.chunk_start >= self.num_prompt_tokens
 
     def start_chunk(self, n: int) -> None:
-        """Send the next n uncached tokens into depth 0 (embedded when the stage runs)."""
+        """Send the next n uncached tokens into depth 0 (embedded when their span runs)."""
         self.chunk_start, self.chunk_end, self.depth, self.hidden = self.num_cached, self.num_cached + n, 0, None
         self.set_tokens(torch.arange(self.chunk_start, self.chunk_end), None)
 
     def set_tokens(self, positions: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        self.positions, self.hidden = positions, hidden
-        self.n_in_flight = len(positions)
-        self.layout += 1
+        self.positions, self.hidden, self.n_in_flight = positions, hidden, len(positions)
 
     def end_chunk(self) -> None:
-        """The chunk left the last depth (its KV is complete), exited, or was dropped (preemption, abort)."""
+        """The chunk left the model (its KV is complete), exited, or was dropped (preemption, abort)."""
         self.depth, self.hidden, self.positions, self.n_in_flight = -1, None, None, 0
-        self.h_entry = self.h_start = self.gate = None
-        self.parked = []
-
-    def reset_cache_state(self) -> None:
-        """Preempted: everything derived from the KV is recomputed from the tokens."""
-        self.end_chunk()
-        self.stack, self.num_cached = [], 0
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, cached={self.num_cached}, "

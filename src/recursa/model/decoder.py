@@ -86,6 +86,16 @@ class Decoder(nn.Module):
             return None
         return self.lora[str(depth)] if str(depth) in self.lora else None
 
+    def stage_keys(self) -> list[int]:
+        """Per depth, which weights it runs: depths with equal keys batch together in the engine.
+
+        The key is the unique layer, except that a depth with its own LoRA adapters (relaxed
+        recursion) is its own stage (-1 - depth), and a depth that reads another depth's KV
+        (MoR KV sharing: it computes no keys/values) is apart from those that write it (depth + layer)."""
+        return [-1 - d if self.adapters(d) is not None
+                else layer if self._kv_source[d] == d else self.depth + layer
+                for d, layer in enumerate(self.depth_to_layer)]
+
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.depth)

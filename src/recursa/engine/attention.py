@@ -1,0 +1,94 @@
+"""Attention of a packed batch of in-flight tokens over each request's paged KV cache.
+
+The tokens of a span run are packed into one row of N tokens [1, N, D]: projections and the MLP
+see exactly the real tokens, however different the chunk lengths (one prefill chunk of 200 and
+30 decode tokens cost 230 tokens, not 31 x 200). Only attention is per request: queries are
+scattered into a padded [B, H, Tmax, hd] view (decode: [B, H, 1, hd], no copy), keys/values read
+from the cache into [B, Hkv, Smax, hd], and a boolean mask keeps each query to its own request's
+positions <= its own. All of it is tensor indexing: no Python loop over tokens.
+
+`PagedBatch` holds what depends only on the set of tokens (positions, rope, padding, causal mask,
+cache slots): it is built once per span run and reused at every depth of the span. `attend(...)`
+gives the `attend(q, k, v)` callable a model stage takes for one depth: it writes the new keys/
+values through the KV manager and attends to the request's cache. Where a depth reads another
+depth's cache (MoR KV sharing) the stage passes k = v = None and only reads; under
+recursion-wise caching the mask also drops slots with no entry.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from recursa.engine.kv_cache import KVCacheManager
+from recursa.engine.sequence import Sequence
+
+
+class PagedBatch:
+    """Positions, rope, padding, mask and cache-layer-0 slots for one set of in-flight tokens."""
+
+    def __init__(self, model, kv: KVCacheManager, seqs: list[Sequence], device, dtype):
+        self.sizes = [s.n_in_flight for s in seqs]
+        self.num_tokens = sum(self.sizes)
+        tmax = max(self.sizes)
+        self.decode = tmax == 1                                                   # one token per request
+        packed = torch.cat([s.positions for s in seqs]) if len(seqs) > 1 else seqs[0].positions   # [N] host
+        kv_len = int(packed.max()) + 1
+        slots = kv.slots([s.block_table for s in seqs], kv_len)                  # [B, Smax] host
+        if self.decode:
+            self.valid = self.pad_index = None
+            qpos = packed[:, None]                                                # [B, 1]
+            keys = torch.arange(kv_len)
+            mask = keys[None, :] <= qpos                                          # [B, Smax]
+            self.new_slots = slots.gather(1, qpos)[:, 0]
+        else:
+            lens = torch.tensor(self.sizes)
+            t = torch.arange(tmax)
+            valid = t[None, :] < lens[:, None]                                    # [B, Tmax]
+            offsets = torch.cumsum(lens, 0) - lens
+            pad_index = torch.where(valid, offsets[:, None] + t[None, :], 0)     # packed index of (b, t)
+            qpos = torch.where(valid, packed[pad_index], 0)                       # padded queries: position 0
+            keys = torch.arange(kv_len)
+            mask = (keys[None, None, :] <= qpos[:, :, None]) | ~valid[:, :, None]   # pad rows see all
+            self.new_slots = slots.gather(1, qpos)[valid]
+            self.valid, self.pad_index = valid.to(device), pad_index.to(device)
+        # [B, 1, Tmax, Smax]; a lone decode token sees every cached key: no mask at all
+        self.mask = None if self.decode and len(seqs) == 1 else mask.view(len(seqs), 1, -1, kv_len).to(device)
+        self.cos, self.sin = model.rope(packed.to(device), dtype)                 # [1, N, hd]
+        self.slots, self.new_slots = slots.to(device), self.new_slots.to(device)
+        self.device = device
+
+    def shifted(self, offsets: list[int]):
+        """(slots [B, Smax], new slots [N]) at the cache layers `offsets` (one slot offset per request)."""
+        if min(offsets) == max(offsets):
+            return self.slots + offsets[0], self.new_slots + offsets[0]
+        shift = torch.tensor(offsets, device=self.device)
+        return self.slots + shift[:, None], self.new_slots + shift.repeat_interleave(
+            torch.tensor(self.sizes, device=self.device))
+
+
+def attend(batch: PagedBatch, kv: KVCacheManager, offsets: list[int], gqa: bool):
+    """The `attend(q, k, v)` of one depth: q [1,H,N,hd], k/v [1,Hkv,N,hd] (None: read only) -> [1,H,N,hd]."""
+    slots, new_slots = batch.shifted(offsets)
+
+    def run(q, k, v):
+        if k is not None:
+            kv.write(new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        keys, values, present = kv.read(slots)
+        mask = batch.mask
+        if present is not None:   # recursion-wise caching: tokens that skipped this step left no entry
+            present = present[:, None, None, :]                                   # [B, 1, 1, Smax]
+            if mask is None:
+                mask = present
+            elif batch.valid is None:
+                mask = mask & present
+            else:                 # padded query rows keep seeing every key (no all-masked row)
+                mask = mask & (present | ~batch.valid[:, None, :, None])
+        if batch.decode:                                                          # [B, H, 1, hd], no copy
+            out = F.scaled_dot_product_attention(q[0].transpose(0, 1)[:, :, None], keys, values,
+                                                 attn_mask=mask, enable_gqa=gqa)
+            return out[:, :, 0].transpose(0, 1)[None]
+        qp = q[0][:, batch.pad_index].transpose(0, 1)                             # [B, H, Tmax, hd]
+        out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return out.transpose(0, 1)[:, batch.valid][None]                          # [1, H, N, hd]
+
+    return run
