@@ -123,15 +123,12 @@ def score_requests(model, tok, requests: list[tuple[str, str]], batch_size: int 
     device = model.embed_tokens.weight.device
     units = sorted(_build_units(model, tok, requests), key=lambda u: -u.length)
     scores: list[Score | None] = [None] * len(requests)
-    if getattr(model, "router", None) is not None:   # Mixture-of-Recursions: routing needs plain sequences
+    if model.router is not None:   # Mixture-of-Recursions: routing needs plain sequences
         return _score_sequences(model, units, len(requests), device)
     for start in range(0, len(units), batch_size):
         batch = units[start:start + batch_size]
         ids, pos, mask, rows, cols, targets, owner = _pack(batch, device)
-        h = model.embed(ids)
-        cos, sin = model.rope(pos, h.dtype)
-        for d in range(model.depth):
-            h, _ = model.forward_stage(d, h, cos, sin, mask=mask)
+        h = model.forward_hidden(ids, pos, mask)[-1]
         logits = model.head(h[rows, cols])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]

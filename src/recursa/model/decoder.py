@@ -179,8 +179,18 @@ class Decoder(nn.Module):
         return mor_lib.forward_mor(self, input_ids, mode, positions)
 
     # ---- full-sequence forward ---------------------------------------------------------------
-    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Hidden states after the embedding and after every depth: depth + 1 tensors [B,T,D]."""
+    def run_depths(self, h: torch.Tensor, depths, cos, sin, mask=None) -> torch.Tensor:
+        """h [B,T,D] through the stages at `depths` in order, no cache (e.g. a coda from a loop's end)."""
+        for d in depths:
+            h, _ = self.forward_stage(d, h, cos, sin, mask=mask)
+        return h
+
+    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Hidden states after the embedding and after every depth: depth + 1 tensors [B,T,D].
+
+        positions: [T] or [B, T] (default 0..T-1); mask: bool [B or 1, 1, T, T], True = attend
+        (default causal) — e.g. the few-shot scorer's tree mask over a context and its choices."""
         if self.router is not None:
             raise RecursaError("a Mixture-of-Recursions model has no fixed per-depth hidden states "
                                "(its tokens run different depths): use forward_mor")
@@ -191,8 +201,7 @@ class Decoder(nn.Module):
         cos, sin = self.rope(positions, h.dtype)
         hidden = [h]
         for d in range(self.depth):
-            h, _ = self.forward_stage(d, h, cos, sin)
-            hidden.append(h)
+            hidden.append(self.run_depths(hidden[-1], (d,), cos, sin, mask))
         return hidden
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

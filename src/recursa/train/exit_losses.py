@@ -172,10 +172,8 @@ def loop_exit_logits(model: nn.Module, hidden: list[torch.Tensor]) -> list[torch
     cos, sin = model.rope(torch.arange(T, device=hidden[0].device), hidden[0].dtype)
     exits = []
     for end in s.loop_ends[:-1]:
-        h = hidden[end + 1]  # hidden[0] is the embedding, hidden[d + 1] the output of depth d
-        for d in s.coda:
-            h, _ = model.forward_stage(d, h, cos, sin)
-        exits.append(model.head(h))
+        # hidden[0] is the embedding, hidden[d + 1] the output of depth d
+        exits.append(model.head(model.run_depths(hidden[end + 1], s.coda, cos, sin)))
     return exits
 
 
