@@ -45,3 +45,14 @@ def test_top_k_and_top_p_restrict_support():
 def test_too_long_prompt_is_a_user_error(model):
     with pytest.raises(RecursaError, match="max_model_len"):
         LLM(model).generate([1] * 256, SamplingParams(max_tokens=10))
+
+
+def test_batched_draws_follow_softmax_and_rows_keep_their_settings():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(1)
+    freq = torch.bincount(sample(logits, 1.0, generator=g), minlength=4).float() / 4000
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.03, rtol=0)
+    from recursa.engine.sampling import sample_rows
+    rows = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
+    out = sample_rows(rows, [0.0, 1.0, 1.0], [0, 1, 0], [1.0, 1.0, 0.01], [None, None, torch.Generator().manual_seed(0)])
+    assert out == [1, 1, 1]   # greedy; top-k 1; a tiny nucleus keeps only the top token

@@ -133,7 +133,8 @@ class LLMEngine:
         self.runner.run_span(group)
         done = self.router.arrive(group)
         ready = [(s, row) for s, row in done if row is not None]
-        tokens = sample_rows(torch.stack([row for _, row in ready]), [s.params for s, _ in ready],
+        tokens = sample_rows(torch.stack([row for _, row in ready]), [s.params.temperature for s, _ in ready],
+                             [s.params.top_k for s, _ in ready], [s.params.top_p for s, _ in ready],
                              [s.generator for s, _ in ready]) if ready else []
         for s, _ in done:
             s.num_cached = s.chunk_end

@@ -1,47 +1,59 @@
-"""Turning logits into tokens: greedy, temperature, top-k and top-p (nucleus) sampling.
+"""Turning logits into tokens: greedy, temperature, top-k and top-p (nucleus) sampling, in one batch.
 
-Works on a batch of rows [N, V] so the batching engine and the single-request decoder share it.
+Every row of logits [N, V] carries its own settings; all rows are filtered and drawn together on
+the logits' device, with one host transfer for the whole batch. A draw is Gumbel-max: token =
+argmax(logits / T + g) with g = -log(-log(u)), u ~ U(0, 1) — an exact sample of softmax(logits / T)
+restricted to the kept tokens. A seeded request draws its u from its own CPU generator, so it gets
+the same tokens whatever it is batched with, and on CPU and CUDA alike.
+
+    tokens = sample_rows(logits, [p.temperature ...], [p.top_k ...], [p.top_p ...], generators)
+    token = sample(logits[None], temperature=0.8, top_p=0.9, generator=g)[0]     # one setting for all rows
 """
 from __future__ import annotations
 
 import torch
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """logits [N, V] -> token ids [N]. temperature 0 means greedy (argmax)."""
-    if temperature <= 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
+def _keep_top(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask to -inf what top-k (k [N], 0 = off) and then top-p (p [N], 1 = off) cut from logits [N, V]."""
+    V = logits.shape[-1]
+    use_k = (top_k > 0) & (top_k < V)
+    if bool(use_k.any()):
+        kmax = int(top_k[use_k].max())
+        kth = logits.topk(kmax, dim=-1).values.gather(1, (top_k.clamp(1, kmax) - 1)[:, None])
+        logits = logits.masked_fill(use_k[:, None] & (logits < kth), float("-inf"))   # ties at the k-th stay
+    use_p = (top_p > 0) & (top_p < 1)
+    if bool(use_p.any()):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & use_p[:, None]
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
 
 
-def sample_rows(logits: torch.Tensor, params: list, generators: list) -> list[int]:
-    """One token per row, each row with its own settings (objects with temperature/top_k/top_p).
+def sample_rows(logits: torch.Tensor, temperatures, top_ks, top_ps, generators) -> list[int]:
+    """One token per row of logits [N, V]; per row: temperature (0 = greedy), top_k (0 or -1 = off),
+    top_p (1 = off) and a torch.Generator or None."""
+    greedy = logits.argmax(dim=-1)
+    if all(t <= 0 for t in temperatures):
+        return greedy.tolist()
+    device, (N, V) = logits.device, logits.shape
+    temp = torch.tensor([t if t > 0 else 1.0 for t in temperatures], device=device)
+    scaled = _keep_top(logits.float() / temp[:, None], torch.tensor([max(k, 0) for k in top_ks], device=device),
+                       torch.tensor(top_ps, dtype=torch.float32, device=device))
+    u = torch.empty(N, V, device=device)
+    for i, (t, g) in enumerate(zip(temperatures, generators)):
+        if t > 0:
+            u[i] = torch.rand(V, generator=g).to(device) if g is not None else torch.rand(V, device=device)
+    gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1 - 1e-7)))
+    drawn = (scaled + gumbel).argmax(dim=-1)
+    return torch.where(temp.new_tensor([t > 0 for t in temperatures], dtype=torch.bool), drawn, greedy).tolist()
 
-    Greedy rows share one argmax. A sampling row draws with its own generator, so a seeded
-    request gets the same tokens whatever it is batched with (and the same as `generate`).
-    """
-    tokens = logits.argmax(dim=-1).tolist()
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if p.temperature > 0:
-            top_k = p.top_k if p.top_k > 0 else None
-            row = logits[i:i + 1] if g is None else logits[i:i + 1].to(g.device)
-            tokens[i] = int(sample(row, p.temperature, top_k, p.top_p, g)[0])
-    return tokens
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [N, V] -> token ids [N], every row with the same settings (and one generator, drawn row by row)."""
+    n = logits.shape[0]
+    return torch.tensor(sample_rows(logits, [temperature] * n, [top_k or 0] * n, [1.0 if top_p is None else top_p] * n,
+                                    [generator] * n))
