@@ -64,7 +64,7 @@ def make_policies(args, max_new: int):
     from recursa.engine.thresholds import BetaMixture, CALMDecay, Fixed, PerExit
     out = [(f"fixed {v:g}", lambda v=v: Fixed(v)) for v in args.fixed]
     out.append((f"calm {args.calm:g} tau{args.calm_tau:g}", lambda: CALMDecay(args.calm, args.calm_tau, max_new)))
-    out.append((f"free zeta{args.free_zeta:g}", lambda: PerExit(lambda: BetaMixture(
+    out.append((f"free zeta{args.free_zeta:g}", lambda: PerExit(BetaMixture(
         args.free_zeta, initial=args.free_initial, min_samples=args.free_min_samples))))
     return out
 

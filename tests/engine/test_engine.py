@@ -212,3 +212,12 @@ def test_bad_requests_are_user_errors(model):
             SamplingParams(**bad)
     with pytest.raises(RecursaError, match="policy"):
         LLM(model, policy="fastest")
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_tokens(model):
+    """compile=True (torch.compile of each layer, dynamic shapes) decodes what eager decoding does."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    eager = LLM(model, max_num_batched_tokens=16).generate(PROMPTS, params)
+    compiled = LLM(model, max_num_batched_tokens=16, compile=True).generate(PROMPTS, params)
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]

@@ -1,11 +1,24 @@
-"""Inference: sampling and decoding. The engine owns all inference state; models stay stateless.
+"""Inference: the one engine every model family and front end decodes through. The engine owns all
+inference state (KV memory, requests, routing state); models stay stateless.
 
-    llm.py             LLM: generate(prompts, SamplingParams) -> [RequestOutput]
-    llm_engine.py      LLMEngine: add_request / abort_request / step / has_unfinished (streaming)
-    scheduler.py       waiting/running queues, token and KV budgets, chunked prefill, preemption
-    policy.py          which stage runs next: depth-wise continuous or synchronous
-    model_runner.py    one stage on a packed batch of chunks, attention over the paged KV cache
-    kv_cache.py        the KV memory manager (blocks, byte budget, KV bytes per token)
-    sequence.py        one request's state; sampling_params.py, outputs.py, config.py: the data types
-    generate.py        the single-request reference decoder; sampling.py: logits -> tokens
+The data path of a request, in reading order:
+
+    llm.py              LLM: generate(prompts, SamplingParams) -> [RequestOutput] (vLLM's offline API)
+    llm_engine.py       LLMEngine: add_request / abort_request / step / has_unfinished (streaming); spans
+    sequence.py         one request: tokens, block table, the chunk in flight; check_prompt
+    scheduler.py        waiting/running queues, token and KV budgets, chunked prefill, preemption
+    policy.py           which span group runs next: depth-wise continuous, fullest, or synchronous
+    model_runner.py     embeds chunks, runs a span of depths on a packed batch, runs LM heads
+    attention.py        per-request attention over the paged cache: batch metadata once per span
+    kv_cache.py         the KV memory manager: blocks, byte budget, writes and reads, KV bytes per token
+    depth_router.py     per family, where tokens go at span boundaries (full depth, MoR, early exit)
+    sampling.py         logits -> tokens, batched, per-row settings and seeds
+    output_processor.py stop checks, incremental detokenization, streaming deltas
+    config.py, sampling_params.py, outputs.py   the data types (EngineConfig, SamplingParams, RequestOutput)
+
+Early exit:
+    exit_policy.py      ExitPolicy (exits, confidence measure, threshold), the labelling rule
+    thresholds.py       fixed, CALM's decaying, FREE's online Beta-mixture thresholds
+    early_exit.py       single-request decoder for the two strategies not yet in the engine (copy,
+                        speculative); parallel decoding runs in the engine (depth_router.EarlyExit)
 """

@@ -46,6 +46,7 @@ import torch
 
 from recursa.engine.exit_policy import ExitPolicy
 from recursa.engine.sampling import sample
+from recursa.engine.sequence import check_prompt
 from recursa.errors import RecursaError
 from recursa.model.decoder import Decoder
 from recursa.model.exits import exit_logits, saturation_reference
@@ -96,15 +97,12 @@ class EarlyExitDecoder:
             raise RecursaError("self-speculative decoding is greedy only (temperature 0)")
         if max_draft < 1:
             raise RecursaError(f"max_draft must be >= 1, got {max_draft}")
-        if len(prompt_ids) == 0:
-            raise RecursaError("the prompt is empty")
+        prompt_ids = check_prompt(prompt_ids, cfg.vocab_size, cfg.max_seq_len)
         if max_new_tokens <= 0:
             raise RecursaError(f"max_new_tokens must be positive, got {max_new_tokens}")
         if len(prompt_ids) + max_new_tokens > cfg.max_seq_len:
             raise RecursaError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                                f"the model's max_seq_len {cfg.max_seq_len}")
-        if max(prompt_ids) >= cfg.vocab_size or min(prompt_ids) < 0:
-            raise RecursaError(f"prompt holds token ids outside the vocabulary (0..{cfg.vocab_size - 1})")
         policy.spec.check(model.depth)
         self.model, self.policy, self.strategy = model, policy, strategy
         self.max_new, self.max_draft, self.stop = max_new_tokens, max_draft, set(stop_ids)

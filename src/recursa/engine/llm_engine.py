@@ -66,7 +66,7 @@ class LLMEngine:
         self.kv = KVCacheManager(model.depth, cfg.n_kv_heads, cfg.head_dim, block_size=config.block_size,
                                  memory_bytes=memory, dtype=weight.dtype, device=weight.device,
                                  cache_layer_of=kv_source, recursion_wise=cfg.is_mor and cfg.mor_kv == "recursion")
-        self.runner = ModelRunner(model, self.kv)
+        self.runner = ModelRunner(model, self.kv, config.compile)
         self.router = make_router(model, self.runner, exit_policy)
         # spans and their keys: spans that run the same stages in the same order batch together
         self.boundaries = bounds = span_boundaries(model, self.router.boundaries())

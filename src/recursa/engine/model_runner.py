@@ -21,9 +21,16 @@ from recursa.model.decoder import Decoder
 from recursa.model.exits import exit_logits
 
 
+def _layer(block, x, cos, sin, attend, lora, skip_kv):
+    """One depth's forward (what `Decoder.forward_stage` runs), as a function torch.compile can share
+    across the layers: the weights come in with the block, so one graph serves every depth."""
+    return block(x, cos, sin, lora=lora, attend=attend, skip_kv=skip_kv)[0]
+
+
 class ModelRunner:
-    def __init__(self, model: Decoder, kv: KVCacheManager):
+    def __init__(self, model: Decoder, kv: KVCacheManager, compile: bool = False):
         self.model, self.kv = model, kv
+        self.layer = torch.compile(_layer, dynamic=True) if compile else None
         self.span_len: dict[int, int] = {}   # boundary depth -> depths in the span starting there (set by the engine)
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -51,8 +58,12 @@ class ModelRunner:
         same = min(starts) == max(starts)
         for j in range(n):
             offsets = [self.offset[starts[0] + j]] if same else [self.offset[d + j] for d in starts]
-            x, _ = self.model.forward_stage(starts[0] + j, x, batch.cos, batch.sin,
-                                            attend=attend(batch, self.kv, offsets, self.gqa))
+            d, att = starts[0] + j, attend(batch, self.kv, offsets, self.gqa)
+            if self.layer is None:
+                x, _ = self.model.forward_stage(d, x, batch.cos, batch.sin, attend=att)
+            else:
+                m = self.model
+                x = self.layer(m.stage(d), x, batch.cos, batch.sin, att, m.adapters(d), m.kv_source(d) != d)
         for s, h in zip(seqs, x[0].split(batch.sizes) if len(seqs) > 1 else (x[0],)):
             s.hidden = h
             s.depth += n

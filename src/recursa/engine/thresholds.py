@@ -14,7 +14,7 @@ confidence and whether its prediction equalled the deep one (only FREE's estimat
   itself and is higher than λ early only when λ < 1. ANCHORS.md notes that CALM's public code
   writes the decay differently; we did not reproduce that variant, so thresholds tuned with the
   public code do not transfer one to one.
-- `PerExit(make)`: one threshold per exit depth, built by `make()` on first use; what
+- `PerExit(prototype)`: one threshold per exit depth, a fresh copy of `prototype` on first use; what
   `make_threshold("free")` returns, with one `BetaMixture` per exit, so each exit is calibrated
   on its own (confidence, agreed) pairs — a depth-20 exit agrees with the final layer far more
   often than a depth-10 one at the same confidence.
@@ -32,9 +32,9 @@ confidence and whether its prediction equalled the deep one (only FREE's estimat
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -150,16 +150,16 @@ class BetaMixture:
 
 
 class PerExit:
-    """One threshold per exit depth (created by `make()` when a depth is first seen)."""
+    """One threshold per exit depth: a copy of `prototype` (as it is when first copied) per depth seen."""
 
-    def __init__(self, make: Callable[[], object]):
-        self.make = make
+    def __init__(self, prototype):
+        self.prototype = prototype
         self.by_depth: dict[int | None, object] = {}
 
     def at(self, depth: int | None):
         """The threshold of the exit after `depth` layers."""
         if depth not in self.by_depth:
-            self.by_depth[depth] = self.make()
+            self.by_depth[depth] = copy.deepcopy(self.prototype)
         return self.by_depth[depth]
 
     def __call__(self, step: int, depth: int | None = None) -> float:
@@ -177,8 +177,7 @@ def make_threshold(kind: str, value: float = 0.9, *, tau: float = 4.0, max_steps
     if kind == "calm":
         return CALMDecay(value, tau, max_steps)
     if kind == "free":
-        BetaMixture(zeta, initial=value, min_samples=min_samples)  # checks the arguments now
-        return PerExit(lambda: BetaMixture(zeta, initial=value, min_samples=min_samples))
+        return PerExit(BetaMixture(zeta, initial=value, min_samples=min_samples))
     raise RecursaError(f"unknown threshold {kind!r}; choose from fixed, calm, free")
 
 

@@ -97,7 +97,7 @@ def exit_logits(model: nn.Module, hidden: torch.Tensor, depth: int, heads: ExitH
     before the shared LM head.
     """
     if heads is None:
-        heads = getattr(model, "exit_heads", None)
+        heads = model.exit_heads
     if heads is None or depth == model.depth or str(depth) not in heads.norms:
         return model.head(hidden)
     return F.linear(heads.norms[str(depth)](hidden), lm_weight(model))
@@ -117,7 +117,7 @@ def with_exits(model: nn.Module, depths, own_norm: bool = False) -> nn.Module:
 
     Own norms the model already has for a kept depth keep their trained gains."""
     cfg = model.cfg.replace(exit_depths=list(depths), exit_own_norm=own_norm)
-    old = getattr(model, "exit_heads", None)
+    old = model.exit_heads
     heads = ExitHeads(model, ExitSpec.from_config(cfg)) if own_norm else None
     if heads is not None and old is not None:
         with torch.no_grad():

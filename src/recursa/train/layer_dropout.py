@@ -56,7 +56,7 @@ class LayerDropForward(ForwardOutputs):
     def __init__(self, model: nn.Module, p_max: float = 0.0, schedule: str = "exp",
                  rates: list[float] | None = None):
         super().__init__(model)
-        if getattr(model.cfg, "mor_router", "none") != "none":
+        if model.cfg.is_mor:
             raise RecursaError("layer dropout skips fixed depths; a Mixture-of-Recursions model routes its own "
                                "depth per token: train it without --layer-drop")
         self.rates = list(rates) if rates is not None else layer_drop_rates(model.depth, p_max, schedule)
