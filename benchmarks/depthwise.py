@@ -46,7 +46,7 @@ def run(model, ids, new_tokens, name, **llm_args) -> tuple[dict, list[int]]:
 
     llm = LLM(model, **llm_args)
     llm.generate([ids[0]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))   # warm-up
-    llm.runner.num_stage_runs = llm.runner.num_stage_tokens = llm.runner.num_head_tokens = 0
+    llm.runner.num_span_runs = llm.runner.num_stage_runs = llm.runner.num_stage_tokens = llm.runner.num_head_tokens = 0
     llm.kv.entries_written = llm.num_output_tokens = llm.sum_exit_depth = 0
     times = {str(i): [] for i in range(len(ids))}
     depths: list[int] = []

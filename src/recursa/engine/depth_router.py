@@ -7,7 +7,7 @@ the depths where it must see tokens (`boundaries`), which is where the engine en
 and owns its family's per-request state (a small dataclass per request; `forget` drops it when a
 request finishes, is aborted or preempted):
 
-- FullDepth (vanilla and recursive models): a chunk is done at the last depth; its newest
+- Router (vanilla and recursive models): a chunk is done at the last depth; its newest
   token's logits come from the final norm + LM head.
 - MoRRouting (Mixture-of-Recursions, recursa.model.mor): at the start of each recursion step the
   router decides per token (`model.mor_route`, causal: a token's own hidden state only) whether
