@@ -32,6 +32,9 @@ of 64 so that layout holds for every row (the padded rows' outputs are cut off).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -227,17 +230,20 @@ def fuse_(model):
 
 @torch.no_grad()
 def prepare(model, dtype=None, quantization: str | None = None, group_size: int = 32, fuse: bool = True,
-            head: bool = True, int4_weights: dict | None = None):
+            head: bool = True, int4_weights=None):
     """An inference model (in place, returned): fused projections, the compute dtype, quantized weights.
 
     dtype None keeps the model's own, or bf16 with a quantization (what the CPU kernels want);
-    quantization None | "int8" | "int4" (see the module docstring).
+    quantization None | "int8" | "int4" (see the module docstring). int4_weights: int4 blocks to
+    use as they are (see quantize_), or a model directory whose int4.safetensors holds them (if any).
     """
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise RecursaError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
     dtype = resolve_dtype(dtype) or (KERNEL_DTYPE if quantization else model.embed_tokens.weight.dtype)
     if fuse:
         fuse_(model)
+    if isinstance(int4_weights, (str, os.PathLike)):
+        int4_weights = load_int4_weights(int4_weights) if quantization == "int4" else None
     if quantization is not None:  # from the float weights as loaded (fp32): scales computed in fp32
         quantize_(model, quantization, group_size, head=head, int4_weights=int4_weights)
     inv_freq = model.inv_freq
@@ -247,6 +253,42 @@ def prepare(model, dtype=None, quantization: str | None = None, group_size: int 
         if isinstance(module, (Int8Linear, Int4Linear)):
             module.to(KERNEL_DTYPE)
     return model.eval().requires_grad_(False)
+
+
+INT4_FILE = "int4.safetensors"  # beside model.safetensors: int4 blocks kept from a GGUF (recursa models fetch)
+
+
+def save_int4_weights(weights: dict, directory) -> Path:
+    """Write {weight name: (q uint8 [N, K], scale, minimum [N, K/g])} as `directory/int4.safetensors`."""
+    from safetensors.torch import save_file
+
+    path = Path(directory) / INT4_FILE
+    tensors = {}
+    for name, (q, scale, minimum) in weights.items():
+        q = q.to(torch.uint8)
+        tensors[f"{name}.qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # two per byte, low first
+        tensors[f"{name}.scale"], tensors[f"{name}.minimum"] = scale.contiguous(), minimum.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "library": "recursa", "int4": "w = scale * q + minimum"})
+    os.replace(tmp, path)
+    return path
+
+
+def load_int4_weights(directory) -> dict | None:
+    """The int4 blocks saved beside a model (see save_int4_weights), or None when there are none."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / INT4_FILE
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path))
+    weights = {}
+    for key in tensors:
+        if key.endswith(".qweight"):
+            name, packed = key[:-len(".qweight")], tensors[key]
+            q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+            weights[name] = (q, tensors[f"{name}.scale"], tensors[f"{name}.minimum"])
+    return weights
 
 
 def weight_bytes(model) -> int:
@@ -261,4 +303,5 @@ def weight_bytes(model) -> int:
 
 
 __all__ = ["DTYPES", "QUANTIZATIONS", "Int8Linear", "Int4Linear", "int4_affine", "pack_int4", "unpack_int4",
-           "quantized_linear", "quantize_", "fuse_", "prepare", "resolve_dtype", "weight_bytes"]
+           "quantized_linear", "quantize_", "fuse_", "prepare", "resolve_dtype", "weight_bytes", "INT4_FILE",
+           "save_int4_weights", "load_int4_weights"]
