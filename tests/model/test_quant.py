@@ -108,7 +108,16 @@ def _relaxed():
     return m
 
 
-@pytest.mark.parametrize("build", [_tiny, _relaxed], ids=["vanilla", "relaxed"])
+def _mor_share():   # shared-KV stages run queries only (Attention.query on the fused matmul)
+    m = _tiny(n_layers=6, sharing="cycle", n_loops=3, mor_router="expert", mor_kv="share", init_std=0.2)
+    with torch.no_grad():
+        for p in m.router.parameters():
+            if p.dim() > 1:
+                p.normal_(std=1.0)
+    return m
+
+
+@pytest.mark.parametrize("build", [_tiny, _relaxed, _mor_share], ids=["vanilla", "relaxed", "mor-share"])
 def test_fused_equals_unfused_fp32(build):
     model = build()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 12))

@@ -32,7 +32,7 @@ _PROJ = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_pro
 def q4_1_blocks(raw: np.ndarray):
     """Rows of Q4_1 blocks (uint8 [N, K/32 * 20]) -> (q uint8 [N, K], d fp16 [N, K/32], m fp16 [N, K/32])."""
     N = raw.shape[0]
-    blocks = torch.from_numpy(np.ascontiguousarray(raw)).reshape(N, -1, Q4_1_BYTES)
+    blocks = torch.from_numpy(np.array(raw, dtype=np.uint8)).reshape(N, -1, Q4_1_BYTES)
     d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)
     m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
     codes = blocks[..., 4:]
@@ -43,7 +43,7 @@ def q4_1_blocks(raw: np.ndarray):
 def _unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
     """Row index i of the HuggingFace weight = row idx[i] of llama.cpp's RoPE-permuted one."""
     hd = n_rows // n_heads
-    return torch.arange(n_rows).reshape(n_heads, 2, hd // 2).transpose(1, 2).reshape(-1)
+    return torch.arange(n_rows).reshape(n_heads, hd // 2, 2).transpose(1, 2).reshape(-1)
 
 
 def read_q4_1(path: str | os.PathLike, cfg) -> dict:

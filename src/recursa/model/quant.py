@@ -185,8 +185,11 @@ def _block_linears(model):
 
 
 @torch.no_grad()
-def quantize_(model, quantization: str, group_size: int = 32, head: bool = True, int4_weights: dict | None = None):
+def quantize_(model, quantization: str, group_size: int = 32, head: bool | str = True,
+              int4_weights: dict | None = None):
     """Replace (in place) the Blocks' projections, and with `head` the LM head, by quantized modules.
+
+    head: True (the same format), False (the LM head keeps the compute dtype), or "int8" / "int4".
 
     int4_weights: optional {"layers.3.attn.q_proj.weight": (q [N, K], scale, minimum)} of int4
     blocks to use as they are instead of quantizing the float weight (recursa.convert.q4:
@@ -208,12 +211,13 @@ def quantize_(model, quantization: str, group_size: int = 32, head: bool = True,
             module = quantized_linear(linear.weight, quantization, group_size)
         setattr(parent, name, module.to(linear.weight.device))
     if head:
+        head_format = quantization if head is True else head
         weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         key = "embed_tokens.weight" if model.lm_head is None else "lm_head.weight"
-        if quantization == "int4" and key in given:
+        if head_format == "int4" and key in given:
             module = Int4Linear(*given[key], group_size)
         else:
-            module = quantized_linear(weight, quantization, group_size)
+            module = quantized_linear(weight, head_format, group_size)
         model.lm_head = module.to(weight.device)  # a tied model keeps its embedding for the lookup
     return model
 
@@ -230,7 +234,7 @@ def fuse_(model):
 
 @torch.no_grad()
 def prepare(model, dtype=None, quantization: str | None = None, group_size: int = 32, fuse: bool = True,
-            head: bool = True, int4_weights=None):
+            head: bool | str = True, int4_weights=None):
     """An inference model (in place, returned): fused projections, the compute dtype, quantized weights.
 
     dtype None keeps the model's own, or bf16 with a quantization (what the CPU kernels want);
