@@ -187,3 +187,13 @@ def test_cli_generate_takes_precision_flags(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "the cat", "--max-tokens", "4", "--dtype", "bfloat16"]) == 0
     with pytest.raises(SystemExit):   # argparse: one usage line, non-zero exit
         main(["generate", str(tmp_path), "--prompt", "the", "--dtype", "float16x"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dequant_fallback_matches_cpu_kernels():
+    torch.manual_seed(0)
+    w, x = torch.randn(128, 96) * 0.05, _x(4, 96)
+    for m in (Int8Linear.from_float(w), Int4Linear.from_float(w)):
+        ref = m(x).float()
+        out = copy.deepcopy(m).cuda()(x.cuda()).float().cpu()
+        torch.testing.assert_close(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
