@@ -15,6 +15,8 @@ their outputs are what `step()` returns.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from recursa.engine.config import EngineConfig
@@ -31,6 +33,7 @@ from recursa.errors import RecursaError
 from recursa.model.decoder import Decoder
 
 DEFAULT_KV_MEMORY = 512 * 2**20
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -92,6 +95,9 @@ class LLMEngine:
             raise RecursaError(f"request id {request_id!r} is already running")
         if params.stop and self.tokenizer is None:
             raise RecursaError("stop strings need a tokenizer")
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise RecursaError(f"stop_token_ids {params.stop_token_ids} hold ids outside the vocabulary (0..{vocab - 1})")
         ids, text = self._prompt_ids(prompt)
         longest = min(len(ids) + params.max_tokens, self.max_model_len)
         if self.kv.blocks_for(longest) > self.kv.num_blocks:
@@ -114,9 +120,33 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one stage on its waiting tokens; outputs of the requests that got a token."""
+        """Run one stage on its waiting tokens; outputs of the requests that got a token.
+
+        Fault isolation: an exception inside the step (the model, a router, a policy) finishes the
+        requests of the group being run with finish_reason "error" and frees their KV; the other
+        requests go on and later steps work. (A request whose own logits are NaN/inf finishes alone
+        the same way: sample_rows gives it None.)"""
+        group: list[Sequence] = []
+        try:
+            return self._step(group)
+        except Exception as e:
+            if not group:   # before any request was touched (admission): an engine bug, not a request's
+                raise
+            logger.error("engine step failed (%s: %s); finishing its %d request(s) with finish_reason 'error'",
+                         type(e).__name__, e, len(group))
+            outputs = []
+            for s in group:
+                if s.request_id in self.seqs:
+                    s.finish_reason = "error"
+                    outputs.append(self._output(s))
+                    self.scheduler.remove(s)
+                    del self.seqs[s.request_id]
+            return outputs
+
+    def _step(self, group: list[Sequence]) -> list[RequestOutput]:
+        """The step proper; fills `group` with the requests it runs, for step()'s fault handling."""
         self.scheduler.admit()
-        group = self.scheduler.next_group()
+        group.extend(self.scheduler.next_group())
         if not group:
             if self.has_unfinished():
                 raise RuntimeError("engine made no progress with unfinished requests (scheduler bug)")
@@ -135,10 +165,13 @@ class LLMEngine:
             s.end_chunk()
         outputs = []
         for (s, _), token in zip(ready, tokens):
-            s.exit_depths.append(s.exit_depth)
-            self.num_output_tokens += 1
-            self.sum_exit_depth += s.exit_depth
-            self._append(s, token)
+            if token is None:   # NaN/inf logits or a failing sampler: this request ends, the batch goes on
+                s.finish_reason = "error"
+            else:
+                s.exit_depths.append(s.exit_depth)
+                self.num_output_tokens += 1
+                self.sum_exit_depth += s.exit_depth
+                self._append(s, token)
             outputs.append(self._output(s))
             if s.finish_reason is not None:
                 self.scheduler.remove(s)

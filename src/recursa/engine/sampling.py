@@ -32,16 +32,26 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def sample_rows(logits: torch.Tensor, params: list, generators: list) -> list[int]:
+def sample_rows(logits: torch.Tensor, params: list, generators: list) -> list[int | None]:
     """One token per row, each row with its own settings (objects with temperature/top_k/top_p).
 
     Greedy rows share one argmax. A sampling row draws with its own generator, so a seeded
     request gets the same tokens whatever it is batched with (and the same as `generate`).
+
+    A row that cannot be sampled gets None instead of a token, and the other rows are unaffected:
+    its logits hold NaN/inf (max() propagates NaN, so the row maximum tells, at no extra pass), or
+    its sampler raised. The engine finishes that request alone with finish_reason "error".
     """
-    tokens = logits.argmax(dim=-1).tolist()
+    best, idx = logits.max(dim=-1)
+    finite, tokens = torch.isfinite(best).tolist(), idx.tolist()
     for i, (p, g) in enumerate(zip(params, generators)):
-        if p.temperature > 0:
+        if not finite[i]:
+            tokens[i] = None
+        elif p.temperature > 0:
             top_k = p.top_k if p.top_k > 0 else None
             row = logits[i:i + 1] if g is None else logits[i:i + 1].to(g.device)
-            tokens[i] = int(sample(row, p.temperature, top_k, p.top_p, g)[0])
+            try:
+                tokens[i] = int(sample(row, p.temperature, top_k, p.top_p, g)[0])
+            except (RuntimeError, TypeError, ValueError):  # e.g. settings changed after validation
+                tokens[i] = None
     return tokens
