@@ -110,3 +110,21 @@ def torch_save_atomic(obj, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output directory that cannot be made: a file at the path or at
+    one of its parents, or a nearest existing directory that is not writable."""
+    from recursa.errors import RecursaError
+
+    path = Path(path).expanduser()
+    for p in (path, *path.parents):
+        if not os.path.lexists(p):
+            continue
+        if not p.is_dir():
+            where = "" if p == path else f": {p} is a file"
+            raise RecursaError(f"{flag} {path} is not a directory{where}")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise RecursaError(f"{flag} {path}: cannot write in {p} (permission denied)")
+        break
+    return path
