@@ -68,6 +68,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
             write(tmp)
         except (SafetensorError, RuntimeError) as e:  # their write errors (full disk, size limit) -> OSError
             raise _as_os_error(e, path) from None
+        except OSError as e:
+            if e.filename is None:   # a failing write() does not say which file: name it
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            raise
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -124,7 +128,36 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
         if not p.is_dir():
             where = "" if p == path else f": {p} is a file"
             raise RecursaError(f"{flag} {path} is not a directory{where}")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise RecursaError(f"{flag} {path}: cannot write in {p} (permission denied)")
+        _probe(p, flag, path)
         break
+    return path
+
+
+def _probe(directory: Path, flag: str, path: Path) -> None:
+    """Create and remove an entry in `directory`: the one check of writability that also holds for
+    root (to whom os.access says yes everywhere) and read-only mounts."""
+    from recursa.errors import RecursaError
+
+    probe = directory / f".recursa-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise RecursaError(f"{flag} {path}: cannot write in {directory} ({e.strerror or e})") from None
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Refuse, before any work, an output file that would replace something else: a directory, a
+    symlink, a device, FIFO or socket (an atomic write would swap it for a regular file), or a
+    directory that cannot be made or written."""
+    from recursa.errors import RecursaError
+
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        raise RecursaError(f"{flag} {path} is a symlink: give the file it points to")
+    if path.is_dir():
+        raise RecursaError(f"{flag} {path} is a directory")
+    if path.exists() and not path.is_file():
+        raise RecursaError(f"{flag} {path} is not a regular file (a device, FIFO or socket)")
+    check_output_dir(path.parent, flag)
     return path

@@ -48,7 +48,10 @@ class Tokenizer:
         return idx
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:   # not a str, or one holding lone surrogates (undecodable bytes from argv)
+            raise RecursaError("the text to encode must be a string of valid Unicode (UTF-8) characters") from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once; the Rust side spreads them over all cores."""
