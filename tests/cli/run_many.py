@@ -10,7 +10,7 @@ stdout and stderr, and optionally
   watcher thread polls it; Python runs the handler in the main thread, as for a Ctrl-C).
 An exception that escapes main() is printed as the interpreter would (a traceback) with exit 1.
 One Python + torch import serves every case: on a busy 2-core machine the import alone costs
-seconds. Prints one JSON list of {"rc", "out", "err"}.
+seconds. Prints one JSON list of {"rc", "out", "err", "seconds"}.
 """
 import contextlib
 import io
@@ -40,7 +40,7 @@ def _signal_when(signum: int, n_lines: int, path: str, done: threading.Event) ->
 
 def run(case: dict) -> dict:
     out, err = io.StringIO(), io.StringIO()
-    done = threading.Event()
+    done, start = threading.Event(), time.perf_counter()
     if case.get("signal"):
         threading.Thread(target=_signal_when, args=(*case["signal"], done), daemon=True).start()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -59,7 +59,7 @@ def run(case: dict) -> dict:
     finally:
         done.set()
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
+    return {"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "seconds": time.perf_counter() - start}
 
 
 if __name__ == "__main__":
