@@ -19,6 +19,7 @@ choose depth themselves (Mixture-of-Recursions) report the same without any flag
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,10 @@ def _check_args(args) -> None:
     """Flags that cannot work together or hold bad values: refused before the model loads."""
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise RecursaError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:
+        raise RecursaError(f"--seed must be a 64-bit integer, got {args.seed}")
+    if not math.isfinite(args.temperature):
+        raise RecursaError(f"--temperature must be a finite number, got {args.temperature}")
     for i, prompt in enumerate(args.prompt):
         try:
             prompt.encode("utf-8")
