@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ def _should_stop(run: Run, stop: StopOnSignal) -> bool:
     elapsed, signalled = D.all_reduce(flags, "max").tolist()
     run.clock = elapsed
     if signalled:
-        stop.signum = stop.signum or 2   # another rank got it: stop here too (as SIGINT)
+        stop.signum = stop.signum or signal.SIGINT   # another rank got it: stop here too
         return True
     return (cfg.max_steps is not None and run.step >= cfg.max_steps) or \
         (cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes)
