@@ -28,11 +28,13 @@ the residual branch of a step (None: 0.1·sigmoid for expert, 1.0·softmax for t
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 
 from recursa.errors import RecursaError
+from recursa.io import write_json_atomic
 
 CONFIG_FILE = "config.json"
 SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
@@ -100,7 +102,30 @@ class ModelConfig:
             return 0
         return (self.n_layers - (2 if self.sharing.startswith("middle_") else 0)) // self.n_loops
 
+    def _validate_types(self) -> None:
+        """Field types as config.json must spell them: a wrong one (init_std "x", tie_embeddings "no",
+        eos_token_id 3.5) names the field here instead of failing deep inside the model."""
+        for name in ("rope_theta", "norm_eps", "init_std", "lora_alpha", "mor_alpha", "mor_threshold"):
+            value = getattr(self, name)
+            if value is None and name in ("lora_alpha", "mor_alpha"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        for name in ("tie_embeddings", "exit_own_norm", "mor_aux_router"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name} must be an integer token id or null, got {value!r}")
+        for name in ("sharing", "mor_router", "mor_kv", "mor_router_arch", "mor_balance"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.mor_gate is not None and not isinstance(self.mor_gate, str):
+            raise ConfigError(f"mor_gate must be a string or null, got {self.mor_gate!r}")
+
     def validate(self) -> None:
+        self._validate_types()
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -115,6 +140,8 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        if not self.init_std >= 0:
+            raise ConfigError(f"init_std must be >= 0, got {self.init_std!r}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
@@ -245,10 +272,7 @@ class ModelConfig:
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ModelConfig":
@@ -259,8 +283,10 @@ class ModelConfig:
             raise ConfigError(f"no model config at {path}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_dict(data)

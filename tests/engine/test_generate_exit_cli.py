@@ -50,7 +50,7 @@ def test_generate_with_exits_reports_depths(exit_model_dir, strategy, capsys):
 
 def test_generate_never_exiting_equals_full_depth_text(exit_model_dir, capsys):
     assert main(["generate", str(exit_model_dir), "--prompt", "once", "--max-tokens", "5",
-                 "--exit-strategy", "parallel", "--exit-threshold", "1.5", "--exit-measure", "margin"]) == 0
+                 "--exit-strategy", "parallel", "--exit-threshold", "1", "--exit-measure", "margin"]) == 0
     out = capsys.readouterr().out
     assert _table(out) == [4] * 5 and "mean depth 4.00 of 4 layers | tokens per exit: depth 4: 100.0%" in out
     text = out.splitlines()[0]

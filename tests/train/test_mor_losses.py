@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from recursa.model import Decoder, load
 from recursa.train import TrainConfig, train
 from recursa.train.data import Batch
-from recursa.train.loop import build_objective
+from recursa.train.build import build_objective
 from recursa.train.losses import ForwardOutputs
 from recursa.train.mor_losses import expert_bce, mor_terms, router_z, token_balance, token_bias
 from train_helpers import VOCAB, micro_config

@@ -11,7 +11,8 @@ from recursa.cli import main
 from recursa.model import Decoder, load
 from recursa.train.config import TrainConfig, TrainConfigError
 from recursa.train.data import Batch
-from recursa.train.loop import build_objective, train
+from recursa.train import train
+from recursa.train.build import build_objective
 from train_helpers import micro_config
 
 COMMON = dict(seq_len=16, batch_size=2, eval_every=0, warmup_steps=1, progress=False)

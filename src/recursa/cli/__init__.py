@@ -1,7 +1,8 @@
 """The `recursa` command line: `recursa <command> --help` documents each command.
 
 Each subcommand lives in its own module here with `register(subparsers)`; user errors
-(`RecursaError`, bad flags, missing files) print one line and exit non-zero, never a traceback.
+(`RecursaError`, bad flags, missing files: exit 2) and system errors (unwritable or full disk:
+exit 1) print one line, never a traceback; a signal exits 128 + its number.
 """
 from __future__ import annotations
 
@@ -34,8 +35,15 @@ def add_precision_args(p) -> None:
                         "int4.safetensors (GGUF Q4_1 blocks, `models fetch --keep-int4`) when present")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (and where to look) instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recursa", description="Adaptive-depth language models and their engine.")
+    parser = ArgumentParser(prog="recursa", description="Adaptive-depth language models and their engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name in COMMANDS:
         importlib.import_module(f"recursa.cli.{name}").register(sub)
@@ -57,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"recursa {args.command}: error: file not found: {e.filename or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"recursa {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:   # unwritable or full disk, a path that is a file: the system's words, one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"recursa {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:   # train's Interrupted says where its checkpoint went
+        print(f"recursa {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
     return int(result or 0)
 
 

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from recursa.errors import RecursaError
+from recursa.io import check_output_dir
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -92,7 +93,7 @@ MODES = {"from_hf": _from_hf, "to_hf": _to_hf, "recursive": _recursive}
 
 
 def run(args) -> int:
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     if out.exists() and not args.force:
         raise RecursaError(f"{out} already exists (pass --force to overwrite)")
     mode = next(name for name in MODES if getattr(args, name) is not None)

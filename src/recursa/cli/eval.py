@@ -12,13 +12,13 @@ or `name:variant`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import math
 import time
 from pathlib import Path
 
 from recursa.cli import add_precision_args, positive_int
 from recursa.errors import RecursaError
+from recursa.io import check_output_file, write_json_atomic
 
 
 def _check_positive(args) -> None:
@@ -66,14 +66,6 @@ def _list_tasks(suite) -> int:
     return 0
 
 
-def _write_json(path: str, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(args) -> int:
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
     if specs == ["none"]:
@@ -90,6 +82,8 @@ def run(args) -> int:
         raise RecursaError(f"model directory {args.model} does not exist")
     if args.data and not Path(args.data).is_dir():
         raise RecursaError(f"data directory {args.data} does not exist")
+    if args.json_out:
+        check_output_file(args.json_out, "--json")
     suite = _suite(args) if specs else None
     resolved = [suite.resolve(s) for s in specs]
 
@@ -109,12 +103,17 @@ def run(args) -> int:
         from recursa.data.packed import read_tokens
 
         tokens = read_tokens(args.data, "val")
+        if int(tokens.max()) >= model.cfg.vocab_size:
+            raise RecursaError(f"the val split in {args.data} holds token id {int(tokens.max())}, outside the "
+                               f"model's vocabulary ({model.cfg.vocab_size}): prepare it with the model's tokenizer")
         start = time.perf_counter()
         ppl = perplexity(model, tokens, args.seq_len or model.cfg.max_seq_len, args.batch_size, args.max_tokens)
         ppl["seconds"] = time.perf_counter() - start
         results["perplexity"] = ppl
         print(f"val perplexity {ppl['ppl']:.3f} (nll {ppl['nll']:.4f}) over {ppl['n_tokens']} tokens "
               f"in {ppl['seconds']:.1f}s")
+        if not math.isfinite(ppl["nll"]):
+            raise RecursaError("the perplexity is not finite: the model's logits hold NaN or inf")
     if resolved:
         tok = load_tokenizer(args.model)
         results["tasks"] = {}
@@ -129,6 +128,7 @@ def run(args) -> int:
                 head = f"{task_name:16s} {variant:10s} {res['n_docs']:5d}" if i == 0 else " " * 33
                 tail = f" {res['seconds']:6.1f}s" if i == 0 else ""
                 print(f"{head}  {k + mark:14s} {res[k]:7.4f}{tail}")
-    if args.json_out:
-        _write_json(args.json_out, results)
+    if args.json_out:   # every result is already printed above, so a failing write loses nothing
+        Path(args.json_out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.json_out).expanduser(), results)
     return 0

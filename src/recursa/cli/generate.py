@@ -19,6 +19,7 @@ choose depth themselves (Mixture-of-Recursions) report the same without any flag
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -52,12 +53,13 @@ def register(sub) -> None:
     e = p.add_argument_group("early exit (parallel: in the engine, any prompts; copy/speculative: one prompt)")
     e.add_argument("--exit-strategy", choices=STRATEGIES,
                    help="KV for skipped layers: copy (CALM), parallel (FREE), speculative (LayerSkip, greedy, lossless)")
-    e.add_argument("--exit-threshold", type=float, default=0.9,
-                   help="exit when confidence >= this (fixed, calm); for free: the target agreement probability ζ")
-    e.add_argument("--exit-threshold-kind", choices=("fixed", "calm", "free"), default="fixed",
+    e.add_argument("--exit-threshold", type=float, default=None,
+                   help="exit when confidence >= this, in [0, 1] (fixed, calm; default 0.9); for free: the target "
+                        "agreement probability ζ in (0, 1)")
+    e.add_argument("--exit-threshold-kind", choices=("fixed", "calm", "free"), default=None,
                    help="fixed; calm: decays with the step (CALM eq. 5); free: FREE's online Beta-mixture estimate "
                         "(no exits until it has seen enough full-depth tokens)")
-    e.add_argument("--exit-measure", choices=MEASURE_CHOICES, default="max_prob",
+    e.add_argument("--exit-measure", choices=MEASURE_CHOICES, default=None,
                    help="confidence: top-1 probability, top-1 minus top-2, cosine to the previous exit's hidden "
                         "state, or the model's learned exit classifier (recursa train-exit-classifier)")
     e.add_argument("--max-draft", type=positive_int, default=4, help="speculative: drafts per verification (default 4)")
@@ -66,9 +68,49 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+EXIT_DEFAULTS = {"exit_threshold": 0.9, "exit_threshold_kind": "fixed", "exit_measure": "max_prob"}
+
+
+def _check_args(args) -> None:
+    """Flags that cannot work together or hold bad values: refused before the model loads."""
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise RecursaError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:
+        raise RecursaError(f"--seed must be a 64-bit integer, got {args.seed}")
+    if not math.isfinite(args.temperature):
+        raise RecursaError(f"--temperature must be a finite number, got {args.temperature}")
+    for i, prompt in enumerate(args.prompt):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:   # undecodable argv bytes arrive as lone surrogates
+            raise RecursaError(f"--prompt number {i + 1} is not valid UTF-8 text") from None
+    given = [name for name in EXIT_DEFAULTS if getattr(args, name) is not None]
+    if given and args.exit_strategy is None:
+        raise RecursaError(f"--{given[0].replace('_', '-')} needs --exit-strategy (copy, parallel or speculative)")
+    for name, default in EXIT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    kind, value = args.exit_threshold_kind, args.exit_threshold
+    low = -1.0 if args.exit_measure == "saturation" else 0.0   # cosine similarity may be negative
+    if kind == "free" and not 0 < value < 1:
+        raise RecursaError(f"--exit-threshold is FREE's target agreement probability: it must be in (0, 1), got {value}")
+    if kind != "free" and not low <= value <= 1:
+        raise RecursaError(f"--exit-threshold {value} with --exit-measure {args.exit_measure}: a confidence lies in "
+                           f"[{low:g}, 1], so it would {'never' if value > 1 else 'always'} exit; give one in [{low:g}, 1]")
+
+
+def _check_length(args, model, tokenizer, texts: list[str]) -> None:
+    """The same rule on both paths: prompt + --max-tokens must fit the model's max_seq_len."""
+    limit = model.cfg.max_seq_len
+    for text in texts:
+        n = len(tokenizer.encode(text))
+        if n + args.max_tokens > limit:
+            raise RecursaError(f"prompt ({n} tokens) + --max-tokens ({args.max_tokens}) exceeds the model's "
+                               f"max_seq_len {limit}: at most {max(limit - n, 0)} new tokens")
+
+
+def run(args) -> int:
+    _check_args(args)
     if args.exit_strategy not in (None, "parallel"):
         return run_early_exit(args)
     from recursa.engine.llm import LLM
@@ -84,6 +126,7 @@ def run(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0,
                             seed=args.seed, max_tokens=args.max_tokens)
     texts = [_chat(p) if args.chat else p for p in args.prompt]
+    _check_length(args, model, llm.tokenizer, texts)
     headers = [f"> {p}\n" if args.chat else p for p in args.prompt]
     adaptive = exit_policy is not None or model.cfg.is_mor
     start = time.perf_counter()
@@ -116,6 +159,10 @@ def run(args) -> int:
     print(f"[{len(texts)} request{'s' if len(texts) > 1 else ''}, {n_tokens} tokens in {elapsed:.2f}s, "
           f"{n_tokens / max(elapsed, 1e-9):.1f} tok/s, {stats['tokens_per_stage_run']:.1f} tokens per stage run]",
           file=sys.stderr)
+    failed = [i + 1 for i in sorted(finished) if finished[i].finish_reason == "error"]
+    if failed:
+        raise RecursaError(f"prompt(s) {', '.join(map(str, failed))} failed inside the engine "
+                           f"(non-finite logits or a failing step); the others completed")
     return 0
 
 
@@ -147,8 +194,6 @@ def _exit_policy(args, model):
     from recursa.model.exits import ExitSpec
 
     kind, value = args.exit_threshold_kind, args.exit_threshold
-    if kind == "free" and not 0 < value < 1:
-        raise RecursaError(f"--exit-threshold is FREE's target agreement probability: it must be in (0, 1), got {value}")
     spec = ExitSpec.from_config(model.cfg)
     if not spec.depths:
         raise RecursaError(f"{args.model} has no exits (config exit_depths is empty): train it with "
@@ -173,9 +218,10 @@ def run_early_exit(args) -> int:
         raise RecursaError(f"--exit-strategy {args.exit_strategy} decodes a single request: give one --prompt, "
                            f"got {len(args.prompt)} (--exit-strategy parallel runs several in the engine)")
     model = _load(args)
-    policy = _exit_policy(args, model)
     tokenizer = load_tokenizer(args.model)
     prompt = _chat(args.prompt[0]) if args.chat else args.prompt[0]
+    _check_length(args, model, tokenizer, [prompt])
+    policy = _exit_policy(args, model)
     ids = tokenizer.encode(prompt)
     start = time.perf_counter()
     res = early_exit_generate(model, ids, args.max_tokens, policy, args.exit_strategy, max_draft=args.max_draft,

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from recursa.train.loop import train
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    if fields.get("preset") is None and fields.get("init") is None:
-        fields["preset"] = "tiny"
+    if fields.get("preset") is None and fields.get("init") is None and not fields.get("resume"):
+        fields["preset"] = "tiny"   # a resumed run takes its model from the checkpoint
     train(TrainConfig(**fields))
     return 0

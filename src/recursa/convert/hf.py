@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from recursa.config import ModelConfig
 from recursa.errors import RecursaError
+from recursa.io import save_safetensors
 from recursa.model.decoder import Decoder
 from recursa.model.layers import rope_frequencies
 
@@ -315,7 +315,7 @@ def to_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer_dir: str | os.Pa
     state = recursa_to_hf({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     dtype = model.embed_tokens.weight.dtype
     with staged_dir(out_dir, force) as tmp:
-        save_file(state, str(tmp / HF_SAFETENSORS), metadata={"format": "pt"})
+        save_safetensors(state, tmp / HF_SAFETENSORS, metadata={"format": "pt"})
         (tmp / HF_CONFIG).write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2) + "\n")
         if tokenizer_dir is not None and copy_tokenizer(tokenizer_dir, tmp):
             if not (tmp / "tokenizer_config.json").is_file():

@@ -24,6 +24,7 @@ from recursa.data.packed import write_tokens
 from recursa.data.sources import SOURCES, Document, Source, fetch
 from recursa.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from recursa.errors import RecursaError
+from recursa.io import check_output_dir
 
 DEFAULT_CACHE = "~/.cache/recursa"
 SPLITS = ("train", "val")
@@ -96,6 +97,7 @@ def prepare(
     if not 0.0 < val_fraction < 1.0:
         raise RecursaError(f"val fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     given_tok = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    check_output_dir(out)   # a file at --out or above it, an unwritable parent: one line, before any download
     if out.exists() and not force:
         log(f"{out} already exists: skipping (pass --force to rebuild it)")
         return None

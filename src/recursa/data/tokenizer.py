@@ -22,6 +22,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from recursa.errors import RecursaError
+from recursa.io import write_text_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 N_BYTES = 256
@@ -47,7 +48,10 @@ class Tokenizer:
         return idx
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:   # not a str, or one holding lone surrogates (undecodable bytes from argv)
+            raise RecursaError("the text to encode must be a string of valid Unicode (UTF-8) characters") from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once; the Rust side spreads them over all cores."""
@@ -64,8 +68,8 @@ class Tokenizer:
         config.update(tokenizer_class="PreTrainedTokenizerFast", eos_token=self.eos_token, bos_token=self.bos_token)
         config.setdefault("model_max_length", _NO_MAX_LENGTH)
         config.setdefault("clean_up_tokenization_spaces", False)
-        _write_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
-        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        write_text_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
+        write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, bos_id={self.bos_id})"
@@ -127,7 +131,3 @@ def _token_content(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

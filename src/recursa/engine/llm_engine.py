@@ -20,6 +20,8 @@ model is one span: one Python step per token round, as in nano-vllm.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from recursa.engine.config import EngineConfig
@@ -29,7 +31,7 @@ from recursa.engine.model_runner import ModelRunner
 from recursa.engine.output_processor import OutputProcessor
 from recursa.engine.outputs import RequestOutput
 from recursa.engine.policy import make_policy
-from recursa.engine.sampling import sample_rows
+from recursa.engine.sampling import sample_rows_isolated
 from recursa.engine.sampling_params import SamplingParams
 from recursa.engine.scheduler import Scheduler
 from recursa.engine.sequence import Sequence, check_prompt
@@ -37,6 +39,7 @@ from recursa.errors import RecursaError
 from recursa.model.decoder import Decoder
 
 DEFAULT_KV_MEMORY = 512 * 2**20
+logger = logging.getLogger(__name__)
 
 
 def span_boundaries(model: Decoder, router_boundaries: set[int]) -> list[int]:
@@ -90,6 +93,9 @@ class LLMEngine:
             raise RecursaError(f"request id {request_id!r} is already running")
         if params.stop and self.tokenizer is None:
             raise RecursaError("stop strings need a tokenizer")
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise RecursaError(f"stop_token_ids {params.stop_token_ids} hold ids outside the vocabulary (0..{vocab - 1})")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RecursaError("a text prompt needs a tokenizer; pass token ids or load a model directory with tokenizer.json")
@@ -119,9 +125,32 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one span on its waiting tokens; outputs of the requests that got a token."""
+        """Run one span on its waiting tokens; outputs of the requests that got a token.
+
+        Fault isolation: an exception inside the step (the model, a router, a policy) finishes the
+        requests of the group being run with finish_reason "error" and frees their KV; the other
+        requests go on and later steps work. (A request whose own logits are NaN/inf finishes alone
+        the same way: sample_rows gives it None.)"""
+        group: list[Sequence] = []
+        try:
+            return self._step(group)
+        except Exception as e:
+            if not group:   # before any request was touched (admission): an engine bug, not a request's
+                raise
+            logger.error("engine step failed (%s: %s); finishing its %d request(s) with finish_reason 'error'",
+                         type(e).__name__, e, len(group))
+            outputs = []
+            for s in group:
+                if s.request_id in self.seqs:
+                    outputs.append(self.output_processor.fail(s))
+                    self.scheduler.remove(s)
+                    del self.seqs[s.request_id]
+            return outputs
+
+    def _step(self, group: list[Sequence]) -> list[RequestOutput]:
+        """The step proper; fills `group` with the requests it runs, for step()'s fault handling."""
         self.scheduler.admit()
-        group = self.scheduler.next_group()
+        group.extend(self.scheduler.next_group())
         if not group:
             if self.has_unfinished():
                 raise RuntimeError("engine made no progress with unfinished requests (scheduler bug)")
@@ -133,7 +162,7 @@ class LLMEngine:
         self.runner.run_span(group)
         done = self.router.arrive(group)
         ready = [(s, row) for s, row in done if row is not None]
-        tokens = sample_rows(torch.stack([row for _, row in ready]), [s.params.temperature for s, _ in ready],
+        tokens = sample_rows_isolated(torch.stack([row for _, row in ready]), [s.params.temperature for s, _ in ready],
                              [s.params.top_k for s, _ in ready], [s.params.top_p for s, _ in ready],
                              [s.generator for s, _ in ready]) if ready else []
         for s, _ in done:
@@ -141,11 +170,14 @@ class LLMEngine:
             s.end_chunk()
         outputs = []
         for (s, _), token in zip(ready, tokens):
-            depth = self.router.executed_depth(s)
-            s.depths.append(depth)
-            self.num_output_tokens += 1
-            self.sum_exit_depth += depth
-            outputs.append(self.output_processor.append(s, token))
+            if token is None:   # NaN/inf logits: this request ends, the batch goes on
+                outputs.append(self.output_processor.fail(s))
+            else:
+                depth = self.router.executed_depth(s)
+                s.depths.append(depth)
+                self.num_output_tokens += 1
+                self.sum_exit_depth += depth
+                outputs.append(self.output_processor.append(s, token))
             if s.finish_reason is not None:
                 self.scheduler.remove(s)
                 del self.seqs[s.request_id]

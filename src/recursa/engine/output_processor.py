@@ -49,6 +49,11 @@ class OutputProcessor:
         seq.finish_reason = reason
         return self._output(seq, st)
 
+    def fail(self, seq: Sequence) -> RequestOutput:
+        """seq ends with finish_reason "error" (its logits could not be sampled, or its step raised)."""
+        seq.finish_reason = "error"
+        return self._output(seq, self._text.setdefault(seq.request_id, _Text()))
+
     def _commit(self, st: _Text, ids: list[int], final: bool, stops: list[str]) -> bool:
         """Commit the text of ids[st.read:]; True when a stop string ends it."""
         if self.tokenizer is None or len(ids) <= st.read:

@@ -12,7 +12,7 @@ class RequestOutput:
     token_ids: list[int]                 # all output tokens so far
     text: str                            # their text (stop string and stop token left out)
     finished: bool = False
-    finish_reason: str | None = None     # "stop" (eos, stop id or stop string) or "length"
+    finish_reason: str | None = None     # "stop" (eos, stop id or stop string), "length", or "error" (failed in the engine)
     delta_token_ids: list[int] = field(default_factory=list)   # new since the previous step's output
     delta_text: str = ""
     exit_depths: list[int] = field(default_factory=list)      # per output token: depth (stage passes) behind it

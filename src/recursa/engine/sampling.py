@@ -32,12 +32,16 @@ def _keep_top(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) ->
     return logits
 
 
-def sample_rows(logits: torch.Tensor, temperatures, top_ks, top_ps, generators) -> list[int]:
+def sample_rows(logits: torch.Tensor, temperatures, top_ks, top_ps, generators) -> list[int | None]:
     """One token per row of logits [N, V]; per row: temperature (0 = greedy), top_k (0 or -1 = off),
-    top_p (1 = off) and a torch.Generator or None."""
-    greedy = logits.argmax(dim=-1)
+    top_p (1 = off) and a torch.Generator or None.
+
+    A row whose logits hold NaN/inf cannot be sampled: it gets None (the row maximum tells, at no
+    extra pass; max() propagates NaN) and the engine finishes that request alone with "error"."""
+    best, greedy = logits.max(dim=-1)
+    finite = torch.isfinite(best)
     if all(t <= 0 for t in temperatures):
-        return greedy.tolist()
+        return [t if ok else None for t, ok in zip(greedy.tolist(), finite.tolist())]
     device, (N, V) = logits.device, logits.shape
     temp = torch.tensor([t if t > 0 else 1.0 for t in temperatures], device=device)
     scaled = _keep_top(logits.float() / temp[:, None], torch.tensor([max(k, 0) for k in top_ks], device=device),
@@ -48,7 +52,23 @@ def sample_rows(logits: torch.Tensor, temperatures, top_ks, top_ps, generators) 
             u[i] = torch.rand(V, generator=g).to(device) if g is not None else torch.rand(V, device=device)
     gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1 - 1e-7)))
     drawn = (scaled + gumbel).argmax(dim=-1)
-    return torch.where(temp.new_tensor([t > 0 for t in temperatures], dtype=torch.bool), drawn, greedy).tolist()
+    tokens = torch.where(temp.new_tensor([t > 0 for t in temperatures], dtype=torch.bool), drawn, greedy)
+    return [t if ok else None for t, ok in zip(tokens.tolist(), finite.tolist())]
+
+
+def sample_rows_isolated(logits: torch.Tensor, temperatures, top_ks, top_ps, generators) -> list[int | None]:
+    """sample_rows, and if the batch fails (settings changed after validation, say), each row on
+    its own: a row that still fails gets None, and the others their tokens."""
+    try:
+        return sample_rows(logits, temperatures, top_ks, top_ps, generators)
+    except (RuntimeError, TypeError, ValueError):
+        out = []
+        for i, row in enumerate(zip(temperatures, top_ks, top_ps, generators)):
+            try:
+                out += sample_rows(logits[i:i + 1], *([x] for x in row))
+            except (RuntimeError, TypeError, ValueError):
+                out.append(None)
+        return out
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

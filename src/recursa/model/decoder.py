@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from recursa.config import ConfigError, ModelConfig
 from recursa.errors import RecursaError
+from recursa.io import save_safetensors
 from recursa.model import lora as lora_lib
 from recursa.model import mor as mor_lib
 from recursa.model import routers as routers_lib
@@ -218,15 +219,18 @@ class Decoder(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "recursa"})
-        os.replace(tmp, directory / WEIGHTS_FILE)
+        save_safetensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt", "library": "recursa"})
         self.cfg.save(directory)
         return directory
 
 
-def load(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Decoder:
-    """Load a model saved by `Decoder.save` (or written by `recursa models fetch` / training)."""
+def load(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         check_finite: bool = True) -> Decoder:
+    """Load a model saved by `Decoder.save` (or written by `recursa models fetch` / training).
+
+    A tensor holding NaN or inf is refused, naming it: such a model generates garbage or nothing
+    and evaluates to perplexity nan without any other sign. `check_finite=False` loads it anyway
+    (to inspect a diverged run)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model directory {directory} does not exist")
@@ -243,6 +247,11 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
+    if check_finite:
+        for name, tensor in state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{weights}: tensor {name} holds non-finite values (NaN or inf); "
+                                      f"the weights are broken (recursa.load(..., check_finite=False) loads them anyway)")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from recursa.model.confidence import features
 from recursa.errors import RecursaError
+from recursa.io import save_safetensors, write_json_atomic
 
 WEIGHTS_FILE = "exit_classifier.safetensors"
 META_FILE = "exit_classifier.json"
@@ -84,14 +85,10 @@ class ExitClassifier(nn.Module):
         if not directory.is_dir():
             raise RecursaError(f"model directory {directory} does not exist")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "recursa"})
-        os.replace(tmp, directory / WEIGHTS_FILE)
+        save_safetensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt", "library": "recursa"})
         meta = {"dim": self.dim, "depths": list(self.depths), "hidden_dim": self.hidden_dim,
                 "features": ["rms(hidden)", "max_prob", "margin", "saturation"], "report": report or {}}
-        tmp = directory / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, directory / META_FILE)
+        write_json_atomic(directory / META_FILE, meta)
         return directory
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from recursa.errors import RecursaError
+from recursa.io import default_mode, torch_save_atomic
 from recursa.model import Decoder
 from recursa.model.decoder import WEIGHTS_FILE
 
@@ -64,8 +65,9 @@ def save_checkpoint(out: str | os.PathLike, model: Decoder, trainer_state: dict)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=CHECKPOINT_DIR + ".tmp-", dir=out))
     try:
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private (0700)
         model.save(tmp)
-        torch.save(trainer_state, tmp / TRAINER_FILE)
+        torch_save_atomic(trainer_state, tmp / TRAINER_FILE)
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)

@@ -5,7 +5,9 @@ and call `recursa.train.train(cfg)`. Fields are saved into each checkpoint so a 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+import re
+from dataclasses import asdict, dataclass, fields
 
 from recursa.config import PRESETS
 from recursa.errors import RecursaError
@@ -16,6 +18,7 @@ LAYER_DROP_SCHEDULES = ("exp", "linear")      # LayerSkip drop rate over depth (
 SCHEDULES = ("cosine", "wsd")
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 DTYPES = ("auto", "fp32", "bf16")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class TrainConfigError(RecursaError, ValueError):
@@ -74,6 +77,13 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in fields(self):   # NaN and inf pass every comparison below (nan < 0 is False): refuse them first
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise TrainConfigError(f"{f.name} must be a finite number, got {v}")
+        if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
+            raise TrainConfigError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+
         def positive_int(name):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -114,10 +124,14 @@ class TrainConfig:
             positive_int("max_steps")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise TrainConfigError(f"max_minutes must be positive, got {self.max_minutes!r}")
-        if (self.preset is None) == (self.init is None):
+        if self.preset is not None and self.init is not None or \
+                (self.preset is None and self.init is None and not self.resume):  # a resume may name neither
             raise TrainConfigError("give exactly one of --preset (train from scratch) or --init MODEL_DIR (uptrain)")
         if self.preset is not None and self.preset not in PRESETS:
             raise TrainConfigError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.preset is not None and self.seq_len > PRESETS[self.preset]["max_seq_len"]:
+            raise TrainConfigError(f"--seq-len {self.seq_len} exceeds the {self.preset} preset's max_seq_len "
+                                   f"{PRESETS[self.preset]['max_seq_len']}")
         if self.distill_weight > 0 and not self.distill_from:
             raise TrainConfigError("--distill-weight needs --distill-from MODEL_DIR (the teacher)")
         if self.distill_from and self.distill_weight == 0:

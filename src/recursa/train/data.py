@@ -12,13 +12,13 @@ Validation uses a fixed set of evenly spaced windows from the val split, the sam
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from recursa.data.packed import read_header
 from recursa.errors import RecursaError
 
 
@@ -113,8 +113,4 @@ def unigram_loss(train: np.ndarray, targets: np.ndarray, vocab_size: int) -> flo
 
 def data_vocab_size(directory: str | Path) -> int:
     """vocab_size recorded in the train split's header."""
-    header = Path(directory) / "train.json"
-    try:
-        return int(json.loads(header.read_text())["vocab_size"])
-    except (OSError, ValueError, KeyError) as e:
-        raise RecursaError(f"cannot read vocab_size from {header}: {e}") from None
+    return int(read_header(directory, "train")["vocab_size"])
