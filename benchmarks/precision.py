@@ -193,7 +193,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from recursa.config import preset
+    from recursa.presets import preset
 
     result = {"threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()[0]}
     if not args.quality_only:

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.model import Decoder
 from recursa.train.data import Batches
 from recursa.train.losses import ForwardOutputs, default_objective

@@ -1,5 +1,6 @@
 """recursa: adaptive-depth language models and an engine that batches them depth-wise."""
-from recursa.config import ModelConfig, preset
+from recursa.config import ModelConfig
+from recursa.presets import preset
 from recursa.engine.llm import LLM
 from recursa.engine.sampling_params import SamplingParams
 from recursa.errors import RecursaError

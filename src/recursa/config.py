@@ -1,7 +1,6 @@
 """Model configuration: one dataclass for every recursa model family, saved as JSON beside the weights.
 
-Presets give named shapes (`tiny` for tests, `small` for the CPU demo, and the SmolLM /
-Mixture-of-Recursions shapes `135m` … `1.7b`). Later families (recursive sharing, exits,
+Named shapes (`tiny`, `small`, the SmolLM / MoR shapes) live in recursa.presets. Later families (recursive sharing, exits,
 routers) add fields here; unknown keys and impossible shapes are rejected with the field named.
 
 Recursive sharing: `n_layers` is always the depth L, the number of layer applications a token
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from recursa.errors import RecursaError
 from recursa.io import write_json_atomic
+from recursa.param_count import lora_params, router_params
 
 CONFIG_FILE = "config.json"
 SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
@@ -243,14 +243,6 @@ class ModelConfig:
         nr = self.n_loops
         return list(self.mor_capacity) if self.mor_capacity is not None else [(nr - r) / nr for r in range(nr)]
 
-    def num_router_params(self) -> int:
-        """Router parameters of a Mixture-of-Recursions model (0 otherwise)."""
-        if not self.is_mor:
-            return 0
-        out, n = (1, self.n_loops) if self.mor_router == "expert" else (self.n_loops, 1)
-        one = self.dim * out if self.mor_router_arch == "linear" else self.dim * self.dim + self.dim * out
-        return one * n * (2 if self.mor_aux_router else 1)
-
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)
@@ -299,47 +291,5 @@ class ModelConfig:
         per_layer = attn + mlp + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         exit_norms = len(self.exit_depths) * self.dim if self.exit_own_norm else 0
-        return (self.n_unique_layers * per_layer + emb + self.dim + self.num_lora_params() + exit_norms
-                + self.num_router_params())
-
-    def num_lora_params(self) -> int:
-        """LoRA parameters of a relaxed model: one adapter per shared depth and projection."""
-        q, kv, d, f = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.dim, self.ffn_dim
-        shapes = [(self.lora_rank_attn, i, o) for i, o in ((d, q), (d, kv), (d, kv), (q, d))]
-        shapes += [(self.lora_rank_mlp, i, o) for i, o in ((d, f), (d, f), (f, d))]
-        per_depth = sum(min(r, i, o) * (i + o) for r, i, o in shapes)
-        return self.n_shared_layers * self.n_loops * per_depth
-
-
-PRESETS: dict[str, dict] = {
-    # ~1M parameters: unit tests.
-    "tiny": dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=320, max_seq_len=256),
-    # ~13M parameters with the 8k corpus tokenizer: the CPU demo.
-    "small": dict(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=512),
-    # SmolLM / Mixture-of-Recursions shapes (vocab 49152, context 2048).
-    "135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, max_seq_len=2048),
-    "360m": dict(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560, max_seq_len=2048),
-    "730m": dict(vocab_size=49152, dim=1536, n_layers=26, n_heads=24, n_kv_heads=8, ffn_dim=4096, max_seq_len=2048),
-    "1.7b": dict(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_dim=8192, max_seq_len=2048),
-}
-# Mixture-of-Recursions (Bae et al. 2025): Middle-Cycle sharing, Nr = 3 (expert choice unless named).
-# `mor-tiny` / `mor-small` are the CPU-sized shapes (8 depths: 1 + 3 loops x 2 layers + 1); the
-# 135m / 360m ones keep the paper's widths; 135m uses 29 depths so that 3 divides the looped 27.
-_MOR = dict(sharing="middle_cycle", n_loops=3, mor_router="expert")
-PRESETS.update({
-    "mor-tiny": {**PRESETS["tiny"], **_MOR, "n_layers": 8},
-    "mor-tiny-token": {**PRESETS["tiny"], **_MOR, "n_layers": 8, "mor_router": "token"},
-    "mor-tiny-share": {**PRESETS["tiny"], **_MOR, "n_layers": 8, "mor_kv": "share"},
-    "mor-small": {**PRESETS["small"], **_MOR, "n_layers": 8},
-    "mor-small-token": {**PRESETS["small"], **_MOR, "n_layers": 8, "mor_router": "token"},
-    "mor-135m": {**PRESETS["135m"], **_MOR, "n_layers": 29},
-    "mor-360m": {**PRESETS["360m"], **_MOR, "n_layers": 32},
-    "mor-360m-2": {**PRESETS["360m"], **_MOR, "n_layers": 32, "n_loops": 2},
-})
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    """A named shape, with optional field overrides (e.g. vocab_size from a tokenizer)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return ModelConfig.from_dict({**PRESETS[name], **overrides})
+        return (self.n_unique_layers * per_layer + emb + self.dim + lora_params(self) + exit_norms
+                + router_params(self))

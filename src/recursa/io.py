@@ -14,14 +14,18 @@ the CLI prints as one line.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Callable
+
+from recursa.errors import RecursaError
 
 
 def default_mode(directory: bool = False) -> int:
@@ -119,8 +123,6 @@ def torch_save_atomic(obj, path: str | os.PathLike) -> Path:
 def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Refuse, before any work, an output directory that cannot be made: a file at the path or at
     one of its parents, or a nearest existing directory that is not writable."""
-    from recursa.errors import RecursaError
-
     path = Path(path).expanduser()
     for p in (path, *path.parents):
         if not os.path.lexists(p):
@@ -136,8 +138,6 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
 def _probe(directory: Path, flag: str, path: Path) -> None:
     """Create and remove an entry in `directory`: the one check of writability that also holds for
     root (to whom os.access says yes everywhere) and read-only mounts."""
-    from recursa.errors import RecursaError
-
     probe = directory / f".recursa-probe-{uuid.uuid4().hex[:8]}"
     try:
         probe.mkdir()
@@ -150,8 +150,6 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """Refuse, before any work, an output file that would replace something else: a directory, a
     symlink, a device, FIFO or socket (an atomic write would swap it for a regular file), or a
     directory that cannot be made or written."""
-    from recursa.errors import RecursaError
-
     path = Path(path).expanduser()
     if path.is_symlink():
         raise RecursaError(f"{flag} {path} is a symlink: give the file it points to")
@@ -161,3 +159,30 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
         raise RecursaError(f"{flag} {path} is not a regular file (a device, FIFO or socket)")
     check_output_dir(path.parent, flag)
     return path
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | os.PathLike, force: bool = False):
+    """Yield a temp dir next to `out_dir`; on success it replaces `out_dir`, on error it is removed.
+
+    Readers never see a half-written directory. An existing `out_dir` is an error unless `force`.
+    """
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise RecursaError(f"{out} already exists (pass --force to overwrite)")
+    if out.exists() and not out.is_dir():
+        raise RecursaError(f"{out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()  # not mkdtemp: that makes it private, and the result should look like any mkdir
+    try:
+        yield tmp
+        if out.exists():
+            old = tmp.with_suffix(".old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recursa.cli import main
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.convert.hf import to_hf
 from recursa.convert.recursive import init_sources, to_recursive
 from recursa.errors import RecursaError

@@ -5,7 +5,7 @@ import torch
 
 import recursa
 from recursa import SamplingParams
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.model import Decoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

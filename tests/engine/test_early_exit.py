@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.engine.early_exit import EarlyExitDecoder, early_exit_generate
 from recursa.engine.exit_policy import ExitPolicy
 from reference import full_forward_generate

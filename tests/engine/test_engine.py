@@ -10,7 +10,7 @@ import torch
 
 import recursa
 from recursa import SamplingParams
-from recursa.config import preset
+from recursa.presets import preset
 from reference import full_forward_generate
 from recursa.errors import RecursaError
 from recursa.model import Decoder

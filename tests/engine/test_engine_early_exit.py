@@ -12,7 +12,7 @@ import torch
 
 import recursa
 from recursa import SamplingParams
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.engine.exit_policy import ExitPolicy
 from recursa.engine.thresholds import Fixed
 from recursa.errors import RecursaError

@@ -12,7 +12,8 @@ import torch
 
 import recursa
 from recursa import SamplingParams
-from recursa.config import ModelConfig, preset
+from recursa.config import ModelConfig
+from recursa.presets import preset
 from recursa.model import Decoder
 
 if "mor_router" not in ModelConfig.__dataclass_fields__:

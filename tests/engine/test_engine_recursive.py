@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from recursa import LLM, SamplingParams
-from recursa.config import ModelConfig, preset
+from recursa.config import ModelConfig
+from recursa.presets import preset
 from recursa.model import Decoder
 
 if "sharing" not in ModelConfig.__dataclass_fields__:

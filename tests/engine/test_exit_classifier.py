@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recursa.cli import main
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.data.packed import write_tokens
 from recursa.data.tokenizer import train_tokenizer
 from recursa.engine.early_exit import early_exit_generate

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from recursa.config import preset
+from recursa.presets import preset
 from recursa import LLM, SamplingParams
 from recursa.engine.sampling import sample
 from recursa.errors import RecursaError

@@ -6,7 +6,7 @@ import torch
 
 from recursa.cli import main
 from recursa.cli.generate import STRATEGIES
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.data.tokenizer import train_tokenizer
 from recursa.engine import early_exit
 from recursa.model import Decoder

@@ -8,7 +8,7 @@ import torch
 
 from recursa import LLM, SamplingParams
 from recursa.cli import main
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.data.tokenizer import train_tokenizer
 from reference import full_forward_generate
 from recursa.model import Decoder

@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from recursa.config import ConfigError, ModelConfig, preset
+from recursa.config import ConfigError, ModelConfig
+
+from recursa.presets import preset
 from recursa.model import CheckpointError, Decoder, load
 from recursa.model.layers import causal_mask
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.model import Decoder, load
 from recursa.convert.recursive import merge
 from recursa.model.lora import LoRA

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from recursa.param_count import router_params
 from recursa.config import ConfigError, ModelConfig
 from recursa.model import Decoder, load
 from recursa.model.layers import apply_rope
@@ -36,7 +37,7 @@ def test_tied_weights_and_param_count():
     m = model_of()
     assert len(m.layers) == m.cfg.n_unique_layers == 2 + 2  # prelude, K = 2 shared, coda
     assert m.num_params() == m.cfg.num_params()
-    assert m.cfg.num_router_params() == 3 * 32
+    assert router_params(m.cfg) == 3 * 32
     assert Decoder(mor_config(mor_router_arch="mlp", mor_aux_router=True)).num_params() == \
         mor_config(mor_router_arch="mlp", mor_aux_router=True).num_params()
     assert Decoder(mor_config(mor_router="token")).router.scorer.weight.shape == (3, 32)
@@ -308,13 +309,13 @@ def test_relaxed_mor_applies_lora_per_depth():
 def test_non_mor_model_has_no_router():
     m = Decoder(ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_dim=64,
                             sharing="cycle", n_loops=2))
-    assert m.router is None and m.cfg.num_router_params() == 0
+    assert m.router is None and router_params(m.cfg) == 0
     with pytest.raises(ValueError, match="Mixture-of-Recursions"):
         m.forward_mor(torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_mor_presets_are_valid():
-    from recursa.config import PRESETS, preset
+    from recursa.presets import preset, PRESETS
 
     names = [n for n in PRESETS if n.startswith("mor-")]
     assert {"mor-tiny", "mor-small", "mor-135m", "mor-360m"} <= set(names)

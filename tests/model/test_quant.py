@@ -12,7 +12,7 @@ import torch
 
 from recursa import LLM, SamplingParams
 from recursa.cli import main
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.convert.q4 import dequantize, q4_1_blocks
 from reference import full_forward_generate
 from recursa.errors import RecursaError

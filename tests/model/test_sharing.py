@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from recursa.config import ConfigError, ModelConfig, preset
+from recursa.config import ConfigError, ModelConfig
+
+from recursa.presets import preset
 from recursa.model import Decoder, load
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recursa.config import preset
+from recursa.presets import preset
 from recursa.convert.recursive import to_recursive
 from recursa.errors import RecursaError
 from recursa.model import Decoder, load

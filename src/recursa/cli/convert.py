@@ -50,7 +50,8 @@ def _dtype(name: str | None):
 
 
 def _from_hf(args) -> str:
-    from recursa.convert.hf import copy_tokenizer, from_hf, staged_dir
+    from recursa.convert.hf import copy_tokenizer, from_hf
+    from recursa.io import staged_dir
 
     model = from_hf(args.from_hf, dtype=_dtype(args.dtype))
     with staged_dir(args.out, args.force) as tmp:
@@ -70,7 +71,8 @@ def _to_hf(args) -> str:
 
 
 def _recursive(args) -> str:
-    from recursa.convert.hf import copy_tokenizer, staged_dir
+    from recursa.convert.hf import copy_tokenizer
+    from recursa.io import staged_dir
     from recursa.convert.recursive import load_source, to_recursive
 
     if args.loops is None:

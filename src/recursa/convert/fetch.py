@@ -199,7 +199,7 @@ def _int4_blocks(gguf: Path, model, log: Callable[[str], None]) -> dict:
 def fetch(name: str, out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
           force: bool = False, log: Callable[[str], None] = print, keep_int4: bool = False) -> Path:
     """Write the known model `name` as a recursa model directory (default `models/<name>`)."""
-    from recursa.convert.hf import staged_dir
+    from recursa.io import staged_dir
 
     spec = known_model(name)
     out = Path(out_dir) if out_dir is not None else Path("models") / name

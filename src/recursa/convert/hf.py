@@ -14,12 +14,10 @@ CLI: `recursa convert --from-hf DIR --out DIR` and `recursa convert --to-hf MODE
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from recursa.config import ModelConfig
 from recursa.errors import RecursaError
-from recursa.io import save_safetensors
+from recursa.io import save_safetensors, staged_dir
 from recursa.model.decoder import Decoder
 from recursa.model.layers import rope_frequencies
 
@@ -267,33 +265,6 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
 
 
 # ---- writing ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def staged_dir(out_dir: str | os.PathLike, force: bool = False):
-    """Yield a temp dir next to `out_dir`; on success it replaces `out_dir`, on error it is removed.
-
-    Readers never see a half-written directory. An existing `out_dir` is an error unless `force`.
-    """
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise RecursaError(f"{out} already exists (pass --force to overwrite)")
-    if out.exists() and not out.is_dir():
-        raise RecursaError(f"{out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()  # not mkdtemp: that makes it private, and the result should look like any mkdir
-    try:
-        yield tmp
-        if out.exists():
-            old = tmp.with_suffix(".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Copy the tokenizer files of `src` (if it has a tokenizer.json) into `dst`; returns their names."""
     src, dst = Path(src), Path(dst)
@@ -325,4 +296,4 @@ def to_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer_dir: str | os.Pa
 
 
 __all__ = ["config_from_hf", "config_to_hf", "hf_to_recursa", "recursa_to_hf", "read_hf_state",
-           "build_decoder", "from_hf", "to_hf", "staged_dir", "copy_tokenizer", "TOKENIZER_FILES"]
+           "build_decoder", "from_hf", "to_hf", "copy_tokenizer", "TOKENIZER_FILES"]

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from recursa.config import ConfigError, preset
+from recursa.config import ConfigError
+
+from recursa.presets import preset
 from recursa.errors import RecursaError
 from recursa.model import Decoder, load
 from recursa.model.exits import ExitSpec, with_exits

@@ -9,7 +9,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields
 
-from recursa.config import PRESETS
+from recursa.presets import PRESETS
 from recursa.errors import RecursaError
 
 CURRICULA = ("all", "rotational", "gradual")  # exit loss curricula (train/exit_losses.py)
