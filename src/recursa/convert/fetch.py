@@ -140,12 +140,13 @@ def load_gguf(gguf: Path):
 
 def gguf_to_recursa(hf_model):
     """The recursa Decoder holding a GGUF-loaded transformers model's (dequantized) weights."""
-    from recursa.convert.hf import build_decoder, config_from_hf, hf_to_recursa
+    from recursa.convert.hf import config_from_hf, hf_to_recursa
+    from recursa.model.decoder import from_state
 
     hf_config = {k: v for k, v in hf_model.config.to_dict().items() if k != "quantization_config"}
     cfg = config_from_hf(hf_config)
     state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
-    return build_decoder(cfg, hf_to_recursa(state, cfg.tie_embeddings), dtype=torch.float32)
+    return from_state(cfg, hf_to_recursa(state, cfg.tie_embeddings), dtype=torch.float32)
 
 
 def chat_prompt_ids(tokenizer, text: str = CHECK_PROMPT) -> list[int]:

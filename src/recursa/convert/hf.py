@@ -26,8 +26,7 @@ from safetensors import SafetensorError, safe_open
 from recursa.config import ModelConfig
 from recursa.errors import RecursaError
 from recursa.io import save_safetensors, staged_dir
-from recursa.model.decoder import Decoder
-from recursa.model.layers import rope_frequencies
+from recursa.model.decoder import Decoder, from_state
 
 HF_CONFIG = "config.json"
 HF_SAFETENSORS = "model.safetensors"
@@ -235,23 +234,6 @@ def read_hf_state(directory: Path, device: str = "cpu") -> dict[str, torch.Tenso
     raise RecursaError(f"{directory} has no {HF_SAFETENSORS}, {HF_SAFETENSORS_INDEX} or {HF_BIN}")
 
 
-def build_decoder(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                  device: str | torch.device = "cpu") -> Decoder:
-    """A Decoder holding `state` (recursa names) without first allocating random weights."""
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        raise RecursaError(f"weights do not match the config: {' '.join(lines[:3])}") from None
-    model.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta)
-    model = model.to(device=device)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
-
-
 def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Decoder:
     """Load a local LlamaForCausalLM directory as a recursa Decoder (dtype None keeps the stored one)."""
     directory = Path(path)
@@ -261,7 +243,7 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
         raise RecursaError(f"{directory} has no {HF_CONFIG}")
     cfg = config_from_hf(_read_json(directory / HF_CONFIG))
     state = hf_to_recursa(read_hf_state(directory, str(device)), cfg.tie_embeddings)
-    return build_decoder(cfg, state, dtype, device)
+    return from_state(cfg, state, device, dtype)
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -296,4 +278,4 @@ def to_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer_dir: str | os.Pa
 
 
 __all__ = ["config_from_hf", "config_to_hf", "hf_to_recursa", "recursa_to_hf", "read_hf_state",
-           "build_decoder", "from_hf", "to_hf", "copy_tokenizer", "TOKENIZER_FILES"]
+           "from_hf", "to_hf", "copy_tokenizer", "TOKENIZER_FILES"]

@@ -224,6 +224,23 @@ class Decoder(nn.Module):
         return directory
 
 
+def from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, source: str = "the state dict") -> Decoder:
+    """A Decoder holding `state` (recursa names), built on the meta device: no random weights first."""
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{source} does not match the config: {' '.join(first[:3])}") from None
+    model.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+    model = model.to(device=device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          check_finite: bool = True) -> Decoder:
     """Load a model saved by `Decoder.save` (or written by `recursa models fetch` / training).
@@ -241,8 +258,6 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype
         cfg = ModelConfig.load(directory)
     except ConfigError as e:
         raise CheckpointError(f"bad config in {directory}: {e}") from None
-    with torch.device("meta"):
-        model = Decoder(cfg)
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
@@ -252,12 +267,4 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise CheckpointError(f"{weights}: tensor {name} holds non-finite values (NaN or inf); "
                                       f"the weights are broken (recursa.load(..., check_finite=False) loads them anyway)")
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{weights} does not match its config: {' '.join(first[:3])}") from None
-    model.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta).to(device)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+    return from_state(cfg, state, device, dtype, source=str(weights))
