@@ -42,8 +42,17 @@ Done = tuple[Sequence, "torch.Tensor | None"]   # (request whose chunk is done, 
 class Router:
     """Every token runs every depth (vanilla and recursive models); the base of the adaptive routers."""
 
+    State = None    # the family's per-request state (a dataclass), kept in self.state by request
+
     def __init__(self, model, runner: ModelRunner):
         self.model, self.runner, self.depth = model, runner, model.depth
+        self.state: dict[int, object] = {}
+
+    def _of(self, seq: Sequence):
+        st = self.state.get(id(seq))
+        if st is None:
+            st = self.state[id(seq)] = self.State()
+        return st
 
     def boundaries(self) -> set[int]:
         """Depths where this router must see the tokens (spans end there)."""
@@ -58,6 +67,7 @@ class Router:
 
     def forget(self, seq: Sequence) -> None:
         """Drop seq's routing state (finished, aborted, or preempted: recomputed from its tokens)."""
+        self.state.pop(id(seq), None)
 
     def arrive(self, seqs: list[Sequence]) -> list[Done]:
         return self._finish([s for s in seqs if s.depth == self.depth])
@@ -81,6 +91,7 @@ class MoRState:
 
 class MoRRouting(Router):
     """Per-token recursion depth chosen causally by the model's router."""
+    State = MoRState
 
     def __init__(self, model, runner: ModelRunner):
         super().__init__(model, runner)
@@ -88,19 +99,9 @@ class MoRRouting(Router):
         self.k, self.n_steps = len(st.shared_layers), st.n_loops
         self.entry, self.end = st.shared[0], st.shared[-1] + 1
         self.outside = len(st.prelude) + len(st.coda)
-        self.state: dict[int, MoRState] = {}
 
     def boundaries(self):
         return {self.depth} | {self.entry + r * self.k for r in range(self.n_steps + 1)}
-
-    def _of(self, seq: Sequence) -> MoRState:
-        st = self.state.get(id(seq))
-        if st is None:
-            st = self.state[id(seq)] = MoRState()
-        return st
-
-    def forget(self, seq):
-        self.state.pop(id(seq), None)
 
     def executed_depth(self, seq):
         return self.outside + self.k * self._of(seq).newest_steps
@@ -185,25 +186,16 @@ class ExitState:
 
 class EarlyExit(Router):
     """Exits after `policy.spec.depths` with a confidence threshold; lossless KV by parallel decoding."""
+    State = ExitState
 
     def __init__(self, model, runner: ModelRunner, policy: ExitPolicy):
         super().__init__(model, runner)
         policy.spec.check(model.depth)
         self.policy, self.exits = policy, tuple(policy.spec.depths)
         self.refs = {saturation_reference(self.exits, d) for d in self.exits} if policy.uses_reference else set()
-        self.state: dict[int, ExitState] = {}
 
     def boundaries(self):
         return {self.depth} | set(self.exits) | self.refs
-
-    def _of(self, seq: Sequence) -> ExitState:
-        st = self.state.get(id(seq))
-        if st is None:
-            st = self.state[id(seq)] = ExitState()
-        return st
-
-    def forget(self, seq):
-        self.state.pop(id(seq), None)
 
     def executed_depth(self, seq):
         return self._of(seq).exit_depth
