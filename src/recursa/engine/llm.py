@@ -44,7 +44,9 @@ class LLM(LLMEngine):
                 tokenizer = load_tokenizer(directory)
         elif not isinstance(model, Decoder):
             raise RecursaError(f"LLM takes a model directory or a recursa Decoder, not {type(model).__name__}")
-        if dtype is not None or quantization is not None:
+        # a model the engine loaded itself is its own: fuse its projections even in full precision; a
+        # Decoder passed in is only changed (in place) when a dtype or quantization asks for it
+        if directory is not None or dtype is not None or quantization is not None:
             model = quant.prepare(model, dtype, quantization, int4_weights=directory)
         super().__init__(model, tokenizer, EngineConfig(**engine_args), exit_policy)
         self._ids = itertools.count()
