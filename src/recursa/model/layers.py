@@ -26,10 +26,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """weight * x / rms(x), the normalisation in fp32 (HF Llama's order of operations)."""
+        if x.dtype == torch.float32:   # the casts are no-ops, but each is still a dispatch on the decode path
+            return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
