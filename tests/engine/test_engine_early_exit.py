@@ -151,3 +151,37 @@ def test_preemption_does_not_change_early_exit_outputs():
             preempted = True
     assert preempted and llm.stats()["preemptions"] == 1
     assert out.token_ids == alone.token_ids and out.exit_depths == alone.exit_depths == [6] + [2] * 9
+
+
+@pytest.mark.parametrize("policy", ["depthwise", "synchronous"])
+def test_head_free_saturation_exits_run_one_head_per_token(policy):
+    """Saturation (a hidden-state measure) with a fixed threshold decides without logits: the LM head
+    runs once per output token, at the depth it is emitted from. Reference: the exit rule replayed on
+    one full forward, cosine to the previous exit (the first exit: one layer below)."""
+    model = _model()
+    spec = ExitSpec((2, 4))
+    threshold = 0.7
+    llm = recursa.LLM(model, exit_policy=ExitPolicy(spec, "saturation", Fixed(threshold)), policy=policy,
+                      kv_cache_memory=2**20, max_num_batched_tokens=12)
+    outs = _run(llm, [])
+    depths_seen = set()
+    for r, out in enumerate(outs):
+        ids = torch.tensor([PROMPTS[r] + out.token_ids[:-1]])
+        with torch.no_grad():
+            hidden = model.forward_hidden(ids)
+        tokens, depths = [], []
+        for i in range(len(out.token_ids)):
+            p = len(PROMPTS[r]) + i - 1
+            d, logits = model.depth, None
+            for e, ref in ((2, 1), (4, 2)) if i > 0 else ():
+                if torch.cosine_similarity(hidden[e][0, p], hidden[ref][0, p], dim=0) >= threshold:
+                    d, logits = e, exit_logits(model, hidden[e][0, p], e)
+                    break
+            logits = model.head(hidden[-1][0, p]) if logits is None else logits
+            tokens.append(int(logits.argmax()))
+            depths.append(d)
+        assert out.token_ids == tokens and out.exit_depths == depths, f"request {r}"
+        depths_seen.update(depths)
+    stats = llm.stats()
+    assert depths_seen == {2, 4, 6}                                 # tokens leave at both exits and go deep
+    assert stats["head_tokens"] == stats["output_tokens"]           # one head evaluation per output token

@@ -219,18 +219,26 @@ class EarlyExit(Router):
         exited: set[int] = set()
         for d, group in sorted(by_depth.items()):
             h = torch.stack([s.hidden[-1] for s in group])
-            logits = self.runner.run_head(h, d, self.policy.heads)
-            ref = saturation_reference(self.exits, d)
-            for s, row, hs in zip(group, logits, h):
+            ref_depth = saturation_reference(self.exits, d)
+            ref = torch.stack([self._of(s).seen[ref_depth] for s in group]) if self.refs else None
+            logits = self.runner.run_head(h, d, self.policy.heads) if self.policy.needs_logits else None
+            confs = self.policy.confidences(logits, h, ref, d)
+            argmax = logits.argmax(-1).tolist() if logits is not None else [None] * len(group)
+            leaving = []
+            for i, (s, conf) in enumerate(zip(group, confs)):
                 st = self._of(s)
-                conf = self.policy.measure(row, hs, st.seen.get(ref), d)
-                st.seen[d] = hs
-                st.obs.append((d, conf, int(row.argmax())))
+                st.seen[d] = h[i]
+                st.obs.append((d, conf, argmax[i]))
                 if conf >= self.policy.threshold(len(s.output_token_ids), d):
                     st.stack.append((s.positions, s.hidden, d))
                     st.obs, st.seen, st.exit_depth = [], {}, d
-                    done.append((s, row))
+                    leaving.append(i)
                     exited.add(id(s))
+            if leaving and logits is None:   # head-free checks: the head runs for the exiting tokens only
+                rows = dict(zip(leaving, self.runner.run_head(h[leaving], d, self.policy.heads)))
+            else:
+                rows = {i: logits[i] for i in leaving}
+            done += [(group[i], rows[i]) for i in leaving]
         for s in seqs:   # tokens waiting at this depth on the stack join the newest one's run
             st = self.state.get(id(s))
             if id(s) in exited or st is None or not st.stack or s.depth >= self.depth:
