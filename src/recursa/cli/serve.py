@@ -14,6 +14,7 @@ then exit. The API key (--api-key or $RECURSA_API_KEY) is never logged. Needs th
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from recursa.cli import positive_int
@@ -95,6 +96,9 @@ def run(args) -> int:
                     allowed_origins=args.allowed_origins)
     note = " (no chat template in the model directory: ChatML)" if template.fallback else ""
     print(f"recursa serve: {name} on http://{args.host}:{args.port}/v1{note}", flush=True)
+    # uvicorn drains on SIGTERM, then re-raises it under the handler it found: make that a no-op,
+    # so that a drained server exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.drain_timeout)
     return 0

@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,7 +55,9 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
 def _documented(kind):
     """OpenAPI responses of a generation route: the JSON body or, when streaming, an event stream."""
     errors = {s: {"model": P.ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)}
-    return {200: {"model": kind, "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **errors}
+    event = {"type": "object", "required": ["data"],   # one server-sent event (OpenAPI < 3.2: `schema` is per event)
+             "properties": {"data": {"type": "string", "description": "a JSON chunk; `[DONE]` last"}}}
+    return {200: {"model": kind, "content": {"text/event-stream": {"schema": event}}}, **errors}
 
 
 def build_app(engine, *, model_name: str, chat_template: ChatTemplate | None = None, api_key: str | None = None,
@@ -179,11 +181,12 @@ def build_app(engine, *, model_name: str, chat_template: ChatTemplate | None = N
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "recursa", "max_model_len": engine.max_model_len}]}
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"description": "serving (empty body)"},
+                                                            503: {"description": "the engine thread has stopped"}})
     async def health():
         return Response(status_code=200 if loop.alive else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
