@@ -173,3 +173,11 @@ def test_non_streaming_client_that_leaves_is_aborted(model_dir):
         asyncio.run(leave())
         assert server.idle()
         assert server.loop.num_aborted == 1 and server.engine.num_output_tokens < 200
+
+
+def test_extreme_but_valid_sampling_values_are_served(server):
+    """Found by the fuzzer: a top_p below float32's range dropped every token (NaN probabilities)."""
+    for extra in ({"top_p": 1e-300}, {"temperature": 1e-300}, {"temperature": 1e300}, {"top_k": 10**9},
+                  {"temperature": 1e-5}, {"seed": -(2**63)}, {"seed": 2**64 - 1}, {"max_tokens": 10**12}):
+        r = _post(server, "/v1/completions", {"prompt": "the", "max_tokens": 2, **extra})
+        assert r.status_code == 200, (extra, r.text)

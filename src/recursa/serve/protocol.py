@@ -17,6 +17,9 @@ from recursa.errors import RecursaError
 
 # below this a temperature is treated as greedy: dividing logits by it would overflow to inf/NaN
 GREEDY_BELOW = 1e-5
+# top_p is raised to this: a smaller one rounds to 0 in float32 and would drop every token (NaN);
+# the nucleus is the top token alone either way (any vocabulary under 1e6 tokens)
+TOP_P_MIN = 1e-6
 SEED_RANGE = dict(ge=-(2**63), le=2**64 - 1)   # what torch.Generator.manual_seed accepts
 
 
@@ -57,7 +60,7 @@ class _SamplingRequest(_Body):
         """The engine's SamplingParams; max_tokens is the default when the request gives none."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(temperature=self.temperature if self.temperature >= GREEDY_BELOW else 0.0,
-                              top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                              top_k=self.top_k, top_p=max(self.top_p, TOP_P_MIN), seed=self.seed,
                               max_tokens=self.max_tokens or max_tokens, stop=stop,
                               stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos)
 

@@ -31,34 +31,44 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def stream_events(ticket, head: dict, kind: str, include_usage: bool):
-    """SSE lines for one ticket: a chunk per engine output, usage last if asked, then [DONE]."""
+    """SSE lines for one ticket: a chunk per engine output, usage last if asked, then [DONE].
+
+    Outputs that queued up while the client was being served go out in one write (under load,
+    fewer and larger sends); each is still its own `data:` event.
+    """
     n = len(ticket.prompts)
     prompt_tokens, completion_tokens, started = [0] * n, [0] * n, [False] * n
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    remaining = n
+    prefix = (f'data: {{"id":"{head["id"]}","object":"{obj}","created":{head["created"]},'
+              f'"model":{json.dumps(head["model"])},')
+    suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
+    remaining, events = n, ticket.events
     while remaining:
-        event = await ticket.events.get()
-        if event[0] == "error":
-            yield _sse({"error": {"message": event[2], "type": "server_error", "param": None, "code": event[1]}})
-            yield DONE
-            return
-        _, i, out = event
-        k = len(out.delta_token_ids)
-        prompt_tokens[i], completion_tokens[i] = len(out.prompt_token_ids), len(out.token_ids)
-        remaining -= out.finished
-        depths = out.exit_depths[-k:] if k else []
-        if kind == "chat":
-            delta = {"content": out.delta_text} if started[i] else {"role": "assistant", "content": out.delta_text}
-            started[i] = True
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason,
-                      "exit_depths": depths}
-        else:
-            choice = {"index": i, "text": out.delta_text, "logprobs": None, "finish_reason": out.finish_reason,
-                      "exit_depths": depths}
-        chunk = {"id": head["id"], "object": obj, "created": head["created"], "model": head["model"], "choices": [choice]}
-        if include_usage:
-            chunk["usage"] = None
-        yield _sse(chunk)
+        pending = [await events.get()]
+        while not events.empty():
+            pending.append(events.get_nowait())
+        lines = []
+        for event in pending:
+            if event[0] == "error":
+                lines.append(_sse({"error": {"message": event[2], "type": "server_error", "param": None,
+                                             "code": event[1]}}) + DONE)
+                yield "".join(lines)
+                return
+            _, i, out = event
+            k = len(out.delta_token_ids)
+            prompt_tokens[i], completion_tokens[i] = len(out.prompt_token_ids), len(out.token_ids)
+            remaining -= out.finished
+            depths = out.exit_depths[-k:] if k else []
+            if kind == "chat":
+                delta = {"content": out.delta_text} if started[i] else {"role": "assistant", "content": out.delta_text}
+                started[i] = True
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason,
+                          "exit_depths": depths}
+            else:
+                choice = {"index": i, "text": out.delta_text, "logprobs": None, "finish_reason": out.finish_reason,
+                          "exit_depths": depths}
+            lines.append(f'{prefix}"choices":[{json.dumps(choice, separators=(",", ":"))}]{suffix}')
+        yield "".join(lines)
     if include_usage:
         yield _sse({"id": head["id"], "object": obj, "created": head["created"], "model": head["model"],
                     "choices": [], "usage": _usage(sum(prompt_tokens), sum(completion_tokens))})
