@@ -12,7 +12,7 @@ import sys
 
 from recursa.errors import RecursaError
 
-COMMANDS = ["data", "train", "convert", "generate", "eval", "models", "exit_classifier"]
+COMMANDS = ["data", "train", "convert", "generate", "eval", "models", "exit_classifier", "serve"]
 
 
 def positive_int(text: str) -> int:
