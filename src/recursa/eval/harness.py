@@ -7,7 +7,7 @@ the command line to the harness unchanged, or through `recursa eval --harness` (
 recursa/eval/harness_tasks.py):
 
     python -m recursa.eval.harness --model recursa --model_args pretrained=models/smollm2-135m \
-        --tasks recursa_hellaswag --include_path ~/.cache/recursa/eval/harness --limit 100
+        --batch_size 8 --tasks recursa_hellaswag_rc_0shot --include_path ~/.cache/recursa/eval/harness
     recursa eval models/smollm2-135m --harness hellaswag,piqa --limit 100
 
     import lm_eval, recursa.eval.harness
@@ -95,7 +95,9 @@ class RecursaLM(LM):
         self.batch_size = 8 if batch_size in (None, "auto") else int(batch_size)
         if self.batch_size < 1:
             raise RecursaError(f"batch_size must be positive, got {batch_size}")
-        self.model = load(pretrained, device=device or "cpu", dtype=getattr(torch, dtype) if dtype else None)
+        if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+            device = "cpu"   # the harness CLI asks for cuda by default
+        self.model = load(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None)
         self.tok = load_tokenizer(pretrained)
         self.max_length = int(max_length or self.model.cfg.max_seq_len)
         if not 2 <= self.max_length <= self.model.cfg.max_seq_len:
