@@ -143,6 +143,7 @@ def test_early_exit_threshold_and_depth(tmp_path_factory, tasks_dir):
             want = [_logprob(lm.model, *_pair_ids(lm.tok, doc["context"], c), depth=depth) for c in doc["choices"]]
             assert [r[0][0] for r in sample["resps"]] == pytest.approx(want, abs=1e-4)
         assert out["config"]["recursa_mean_depth_scored"] == depth
+        assert out["config"]["recursa_mean_depth_scored_by_task"] == {"toy_mc": depth}
 
 
 def test_mor_scored_causally_with_depths(tmp_path_factory, tasks_dir):

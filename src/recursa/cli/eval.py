@@ -165,16 +165,16 @@ def run_harness(args) -> int:
         return 0
     model_args = {"batch_size": args.batch_size, **simple_parse_args_string(args.model_args)}
     res = evaluate(args.model, names, tasks_dir, model_args)
-    print(f"{'harness task':34s} {'docs':>5s}  {'metric':10s} {'value':>7s}")
+    cfg = res["config"]
+    depths = cfg.get("recursa_mean_depth_scored_by_task", {})
+    print(f"{'harness task':34s} {'docs':>5s}  {'metric':10s} {'value':>9s}  depth (of {cfg.get('recursa_depth')})")
     for name in names:
         row = res["results"][name]
         metrics = [k.split(",")[0] for k in row if k.endswith(",none") and "_stderr" not in k]
         for i, k in enumerate(metrics):
             head = f"{name:34s} {row.get('sample_len', 0):5d}" if i == 0 else " " * 40
-            print(f"{head}  {k:10s} {row[k + ',none']:7.4f}")
-    cfg = res["config"]
-    print(f"mean depth behind scored tokens {cfg.get('recursa_mean_depth_scored')}, "
-          f"generated {cfg.get('recursa_mean_depth_generated')} (of {cfg.get('recursa_depth')} layers)")
+            tail = f"  {depths[name]:.2f}" if i == 0 and name in depths else ""
+            print(f"{head}  {k:10s} {row[k + ',none']:9.4f}{tail}")
     if args.json_out:
         _write_json(args.json_out, {"model": str(args.model), "limit": args.limit, "tasks_dir": str(tasks_dir), **res})
     return 0

@@ -30,7 +30,8 @@ engine takes it) for generation.
   confidence reaches T (synchronized parallel decoding under teacher forcing: exact KV); generation
   uses the same ExitPolicy in the engine. Mixture-of-Recursions models route themselves, causally.
   The mean depth behind the scored and the generated tokens is in `get_model_info()`, which the
-  harness copies into `results["config"]` (`recursa_mean_depth_scored`, `..._generated`).
+  harness copies into `results["config"]` (`recursa_mean_depth_scored`, `..._generated`, and
+  per task `recursa_mean_depth_scored_by_task`).
 """
 from __future__ import annotations
 
@@ -107,23 +108,24 @@ class RecursaLM(LM):
         self.engine_args = _engine_args(engine_args)
         self.pretrained = str(pretrained)
         self._llm = None
-        self._depths = {"scored": [0.0, 0], "generated": [0.0, 0]}   # depth sum, token count
+        self._depths: dict[tuple[str, str], list] = {}   # (scored|generated, task) -> [depth sum, tokens]
 
     @property
     def start_id(self) -> int:
         return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
 
-    def _score(self, pairs: list[tuple[list[int], list[int]]]):
+    def _score(self, pairs: list[tuple[list[int], list[int]]], tasks: list[str]):
         from recursa.eval.fewshot import score_ids
 
         scores = score_ids(self.model, pairs, self.batch_size, self.exit_policy, self.max_length)
-        for s in scores:
-            self._count("scored", s.depth * s.n_tokens, s.n_tokens)
+        for s, task in zip(scores, tasks):
+            self._count("scored", task, s.depth * s.n_tokens, s.n_tokens)
         return scores
 
-    def _count(self, kind: str, depth_sum: float, n: int) -> None:
-        self._depths[kind][0] += depth_sum
-        self._depths[kind][1] += n
+    def _count(self, kind: str, task: str | None, depth_sum: float, n: int) -> None:
+        entry = self._depths.setdefault((kind, task or ""), [0.0, 0])
+        entry[0] += depth_sum
+        entry[1] += n
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         from recursa.eval.fewshot import encode_pair
@@ -134,7 +136,7 @@ class RecursaLM(LM):
             if not cont:
                 raise RecursaError(f"loglikelihood request {i} has an empty continuation")
             pairs.append((ctx or [self.start_id], cont))
-        results = [(s.logprob, s.greedy) for s in self._score(pairs)]
+        results = [(s.logprob, s.greedy) for s in self._score(pairs, [_task(r) for r in requests])]
         for req, res in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
         return results
@@ -148,7 +150,7 @@ class RecursaLM(LM):
                 pairs.append(window)
                 owner.append(i)
         totals = [0.0] * len(requests)
-        for i, s in zip(owner, self._score(pairs) if pairs else []):
+        for i, s in zip(owner, self._score(pairs, [_task(requests[i]) for i in owner]) if pairs else []):
             totals[i] += s.logprob
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -172,7 +174,7 @@ class RecursaLM(LM):
         outs = self._llm.generate(prompts, params)
         texts = []
         for req, out in zip(requests, outs):
-            self._count("generated", sum(out.exit_depths), len(out.exit_depths))
+            self._count("generated", _task(req), sum(out.exit_depths), len(out.exit_depths))
             texts.append(out.text)
             self.cache_hook.add_partial("generate_until", req.args, out.text)
         return texts
@@ -198,9 +200,16 @@ class RecursaLM(LM):
     def get_model_info(self) -> dict:
         info = {"recursa_model": self.pretrained, "recursa_depth": self.model.depth,
                 "recursa_exit_threshold": None if self.exit_policy is None else self.exit_policy.threshold(0)}
-        for kind, (total, n) in self._depths.items():
+        for kind in ("scored", "generated"):
+            rows = {task: v for (k, task), v in self._depths.items() if k == kind}
+            total, n = sum(v[0] for v in rows.values()), sum(v[1] for v in rows.values())
             info[f"recursa_mean_depth_{kind}"] = total / n if n else None
+            info[f"recursa_mean_depth_{kind}_by_task"] = {t: v[0] / v[1] for t, v in sorted(rows.items()) if v[1]}
         return info
+
+
+def _task(request) -> str | None:
+    return getattr(request, "task_name", None)
 
 
 def evaluate(model_dir, task_names: list[str], tasks_dir, model_args: dict, limit: int | None = None) -> dict:
