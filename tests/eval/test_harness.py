@@ -131,19 +131,26 @@ def test_rolling_windows_and_bad_args(model_dir):
         RecursaLM(pretrained=str(model_dir), no_such_arg=1)
     with pytest.raises(RecursaError, match="no exits"):
         RecursaLM(pretrained=str(model_dir), exit_threshold=0.5)
+    with pytest.raises(RecursaError, match="dtype"):
+        RecursaLM(pretrained=str(model_dir), dtype="int3")
+    bf16 = RecursaLM(pretrained=str(model_dir), dtype="bfloat16", max_length=8)
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert bf16.loglikelihood_rolling([Req()])[0] == pytest.approx(got, rel=0.05)
 
 
 def test_early_exit_threshold_and_depth(tmp_path_factory, tasks_dir):
     d = _model_dir(tmp_path_factory, "exits", exit_depths=[2])
     for threshold, depth in ((0.0, 2), (1.01, 4)):   # everyone exits at 2 / nobody exits
         lm = RecursaLM(pretrained=str(d), exit_threshold=threshold)
-        out = _run(lm, tasks_dir, ["toy_mc"])
+        out = _run(lm, tasks_dir, ["toy_mc", "toy_gen"])
         for sample in out["samples"]["toy_mc"]:
             doc = sample["doc"]
             want = [_logprob(lm.model, *_pair_ids(lm.tok, doc["context"], c), depth=depth) for c in doc["choices"]]
             assert [r[0][0] for r in sample["resps"]] == pytest.approx(want, abs=1e-4)
         assert out["config"]["recursa_mean_depth_scored"] == depth
         assert out["config"]["recursa_mean_depth_scored_by_task"] == {"toy_mc": depth}
+        generated = out["config"]["recursa_mean_depth_generated"]   # the engine: first new token at full depth
+        assert generated == 4 if depth == 4 else 2 <= generated < 4
 
 
 def test_mor_scored_causally_with_depths(tmp_path_factory, tasks_dir):

@@ -103,6 +103,8 @@ class RecursaLM(LM):
         self.max_length = int(max_length or self.model.cfg.max_seq_len)
         if not 2 <= self.max_length <= self.model.cfg.max_seq_len:
             raise RecursaError(f"max_length must be in 2..{self.model.cfg.max_seq_len}, got {max_length}")
+        if exit_threshold is not None and not isinstance(exit_threshold, (int, float)):
+            raise RecursaError(f"exit_threshold must be a number, got {exit_threshold!r}")
         self.exit_policy = (None if exit_threshold is None
                             else _exit_policy(pretrained, self.model, float(exit_threshold), exit_measure))
         self.engine_args = _engine_args(engine_args)
