@@ -19,7 +19,7 @@ model_args: `pretrained` (a recursa model directory), `batch_size` (documents pe
 and any `recursa.LLM` keyword (EngineConfig fields such as max_num_seqs; `quantization` where the
 engine takes it) for generation.
 
-- `loglikelihood` goes through recursa's own scorer (recursa.eval.fewshot.score_ids): the
+- `loglikelihood` goes through recursa's own scorer (recursa.eval.fewshot.score_requests): the
   requests the harness sends for one document share their context, so they are packed into one row
   with a tree mask, exactly as `recursa eval` scores them; same tokenization, same numbers.
 - `loglikelihood_rolling` cuts each text into the harness's own disjoint rolling windows (a prefix
@@ -93,7 +93,11 @@ class RecursaLM(LM):
 
         if dtype is not None and dtype not in DTYPES:
             raise RecursaError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.batch_size = 8 if batch_size in (None, "auto") else int(batch_size)
+        self.engine_args = _engine_args(engine_args)
+        batch_size = 8 if batch_size is None or str(batch_size).startswith("auto") else batch_size
+        if not (isinstance(batch_size, int) or str(batch_size).isdigit()):
+            raise RecursaError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise RecursaError(f"batch_size must be positive, got {batch_size}")
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
@@ -107,7 +111,6 @@ class RecursaLM(LM):
             raise RecursaError(f"exit_threshold must be a number, got {exit_threshold!r}")
         self.exit_policy = (None if exit_threshold is None
                             else _exit_policy(pretrained, self.model, float(exit_threshold), exit_measure))
-        self.engine_args = _engine_args(engine_args)
         self.pretrained = str(pretrained)
         self._llm = None
         self._depths: dict[tuple[str, str], list] = {}   # (scored|generated, task) -> [depth sum, tokens]
@@ -119,7 +122,9 @@ class RecursaLM(LM):
     def _score(self, pairs: list[tuple[list[int], list[int]]], tasks: list[str]):
         from recursa.eval.fewshot import score_ids
 
-        scores = score_ids(self.model, pairs, self.batch_size, self.exit_policy, self.max_length)
+        return self._counted(score_ids(self.model, pairs, self.batch_size, self.exit_policy, self.max_length), tasks)
+
+    def _counted(self, scores, tasks: list[str]):
         for s, task in zip(scores, tasks):
             self._count("scored", task, s.depth * s.n_tokens, s.n_tokens)
         return scores
@@ -130,15 +135,11 @@ class RecursaLM(LM):
         entry[1] += n
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        from recursa.eval.fewshot import encode_pair
+        from recursa.eval.fewshot import score_requests
 
-        pairs = []
-        for i, req in enumerate(requests):
-            ctx, cont = encode_pair(self.tok, *req.args)
-            if not cont:
-                raise RecursaError(f"loglikelihood request {i} has an empty continuation")
-            pairs.append((ctx or [self.start_id], cont))
-        results = [(s.logprob, s.greedy) for s in self._score(pairs, [_task(r) for r in requests])]
+        scores = score_requests(self.model, self.tok, [tuple(r.args) for r in requests], self.batch_size,
+                                self.exit_policy, self.max_length)
+        results = [(s.logprob, s.greedy) for s in self._counted(scores, [_task(r) for r in requests])]
         for req, res in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
         return results
