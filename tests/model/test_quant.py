@@ -94,6 +94,15 @@ def test_q4_1_blocks_carry_over_to_int4_up_to_scale_rounding(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(back, (q2, d2, m2)))
 
 
+def test_q_k_rows_go_back_to_hf_order():
+    from recursa.convert.q4 import _unpermute_rows
+
+    heads, hd = 3, 8
+    hf = torch.arange(heads * hd)
+    gguf = hf.reshape(heads, 2, hd // 2).transpose(1, 2).reshape(-1)   # llama.cpp's RoPE row permutation
+    assert torch.equal(gguf[_unpermute_rows(heads * hd, heads)], hf)
+
+
 def _tiny(seed=0, **kw):
     torch.manual_seed(seed)
     return Decoder(preset("tiny", **kw)).eval()
