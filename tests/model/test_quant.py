@@ -147,7 +147,7 @@ def test_prepared_model_close_to_fp32(quantization):
         m = prepare(copy.deepcopy(model), "bfloat16", quantization)
         out = m(ids).float()
     assert m.embed_tokens.weight.dtype == torch.bfloat16 and m.inv_freq.dtype == torch.float32
-    assert quantization is None or isinstance(m.lm_head, Int8Linear)   # the LM head is int8 by default
+    assert m.lm_head is None   # the tied LM head keeps the compute dtype by default
     tol = {None: 0.02, "int8": 0.03, "int4": 0.25}[quantization]
     assert (out - ref).abs().max() <= tol * ref.abs().max()
 
@@ -155,7 +155,8 @@ def test_prepared_model_close_to_fp32(quantization):
 def test_int4_head_on_request():
     m = prepare(_tiny(), None, "int4", head="int4")
     assert isinstance(m.lm_head, Int4Linear) and isinstance(m.layers[0].mlp.gate_up_proj, Int4Linear)
-    assert isinstance(prepare(_tiny(), None, "int4", head=False).lm_head, type(None))
+    assert m.embed_tokens.weight.dtype == torch.bfloat16   # the lookup keeps the compute dtype
+    assert isinstance(prepare(_tiny(), None, "int4", head="int8").lm_head, Int8Linear)
 
 
 def _peaked(seed=1):
