@@ -8,7 +8,7 @@ fp32 over >= 2,000 generated tokens, measured two ways:
 - free-running: the format generates on its own through the engine; share of tokens equal to
   fp32's at the same position, and of requests that stay identical to the end.
 Speed per format: the whole weight set (30 fused layers + LM head, one call per matrix, random
-weights of SmolLM2's shapes) at batch 1 and 32, as tokens/s (what a span could reach if weights
+weights of SmolLM2's shapes; the LM head in the compute dtype, as prepare() does) at batch 1 and 32, as tokens/s (what a span could reach if weights
 were all it did), fused and unfused; plus the engine's decode rate in the free-running run.
 
     recursa models fetch smollm2-135m --keep-int4
@@ -29,11 +29,12 @@ import time
 import torch
 from torch import nn
 
-# (name, dtype, quantization, LM head format): int4 is also tried with an int8 head (SmolLM2's GGUF
-# keeps its tied embedding in Q8_0, i.e. 8 bits).
-FORMATS = [("fp32", "float32", None, True), ("bf16", "bfloat16", None, True), ("int8", "bfloat16", "int8", True),
-           ("int4", "bfloat16", "int4", True), ("int4+head8", "bfloat16", "int4", "int8"),
-           ("int4-q4_1", "bfloat16", "int4", True), ("int4-q4_1+head8", "bfloat16", "int4", "int8")]
+# (name, dtype, quantization, LM head format). By default the LM head keeps the compute dtype;
+# the "-head8" / "-head4" rows quantize it too.
+FORMATS = [("fp32", "float32", None, False), ("bf16", "bfloat16", None, False), ("int8", "bfloat16", "int8", False),
+           ("int4", "bfloat16", "int4", False), ("int4-head8", "bfloat16", "int4", "int8"),
+           ("int4-head4", "bfloat16", "int4", "int4"), ("int4-q4_1", "bfloat16", "int4", False),
+           ("int4-q4_1-head4", "bfloat16", "int4", "int4")]
 
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -47,9 +48,9 @@ def _weight_set(cfg, fmt: str, fused: bool):
     shapes = per_layer * cfg.n_layers + [(cfg.vocab_size, d)]
     gen = torch.Generator().manual_seed(0)
     mods = []
-    for n, k in shapes:
+    for i, (n, k) in enumerate(shapes):
         w = torch.randn(n, k, generator=gen) * 0.02
-        if fmt in ("fp32", "bf16"):
+        if fmt in ("fp32", "bf16") or i == len(shapes) - 1:   # the LM head keeps the compute dtype (prepare)
             lin = nn.Linear(k, n, bias=False)
             lin.weight = nn.Parameter(w.to(torch.float32 if fmt == "fp32" else torch.bfloat16), requires_grad=False)
             mods.append(lin)
@@ -77,11 +78,11 @@ def _rates(sets: dict, batch: int, dtype, rounds: int, clock) -> dict:
     return {k: batch / sorted(t)[len(t) // 2] for k, t in times.items()}
 
 
-def kernels(cfg, rounds: int) -> list[dict]:
+def kernels(cfg, rounds: int, formats=("fp32", "bf16", "int8", "int4")) -> list[dict]:
     """Wall-clock rates, and rates from the CPU time the process used (on a shared, oversubscribed
     machine wall time mostly measures waiting for a core; CPU time is what the kernel costs)."""
     rows = []
-    for fmt in ("fp32", "bf16", "int8", "int4"):
+    for fmt in formats:
         dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
         sets = {fused: _weight_set(cfg, fmt, fused) for fused in (True, False)}
         rates = {(b, c): _rates(sets, b, dtype, rounds, clock)
@@ -189,6 +190,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--kernel-formats", default="fp32,bf16,int8,int4")
     ap.add_argument("--rounds", type=int, default=7, help="timed passes per weight set and batch size (median)")
     args = ap.parse_args()
     if args.threads:
@@ -198,7 +200,7 @@ def main() -> None:
     result = {"threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()[0]}
     if not args.quality_only:
         print(f"kernels: SmolLM2-135M weight set, {torch.get_num_threads()} threads")
-        result["kernels"] = kernels(preset("135m"), args.rounds)
+        result["kernels"] = kernels(preset("135m"), args.rounds, args.kernel_formats.split(","))
     if not args.kernels_only:
         print(f"quality: {args.model}, {args.prompts} prompts x {args.new_tokens} greedy tokens, "
               f"perplexity over {args.ppl_tokens} val tokens (windows of {args.seq_len})")

@@ -94,6 +94,15 @@ def test_q4_1_blocks_carry_over_to_int4_up_to_scale_rounding(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(back, (q2, d2, m2)))
 
 
+def test_q_k_rows_go_back_to_hf_order():
+    from recursa.convert.q4 import _unpermute_rows
+
+    heads, hd = 3, 8
+    hf = torch.arange(heads * hd)
+    gguf = hf.reshape(heads, 2, hd // 2).transpose(1, 2).reshape(-1)   # llama.cpp's RoPE row permutation
+    assert torch.equal(gguf[_unpermute_rows(heads * hd, heads)], hf)
+
+
 def _tiny(seed=0, **kw):
     torch.manual_seed(seed)
     return Decoder(preset("tiny", **kw)).eval()
@@ -123,7 +132,8 @@ def test_fused_equals_unfused_fp32(build):
     ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
     with torch.inference_mode():
         ref = model(ids)
-        fused = prepare(copy.deepcopy(model), "float32")
+        assert prepare(copy.deepcopy(model), "float32").layers[0].attn.qkv_proj is None   # fp32: unfused by default
+        fused = prepare(copy.deepcopy(model), "float32", fuse=True)
         assert fused.layers[0].attn.qkv_proj is not None and not hasattr(fused.layers[0].attn, "q_proj")
         torch.testing.assert_close(fused(ids), ref, atol=1e-5, rtol=1e-5)
     assert "layers.0.attn.q_proj.weight" in model.state_dict()   # the unfused model is untouched
@@ -138,9 +148,16 @@ def test_prepared_model_close_to_fp32(quantization):
         m = prepare(copy.deepcopy(model), "bfloat16", quantization)
         out = m(ids).float()
     assert m.embed_tokens.weight.dtype == torch.bfloat16 and m.inv_freq.dtype == torch.float32
-    assert quantization is None or isinstance(m.lm_head, Int8Linear if quantization == "int8" else Int4Linear)
+    assert m.lm_head is None   # the tied LM head keeps the compute dtype by default
     tol = {None: 0.02, "int8": 0.03, "int4": 0.25}[quantization]
     assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_int4_head_on_request():
+    m = prepare(_tiny(), None, "int4", head="int4")
+    assert isinstance(m.lm_head, Int4Linear) and isinstance(m.layers[0].mlp.gate_up_proj, Int4Linear)
+    assert m.embed_tokens.weight.dtype == torch.bfloat16   # the lookup keeps the compute dtype
+    assert isinstance(prepare(_tiny(), None, "int4", head="int8").lm_head, Int8Linear)
 
 
 def _peaked(seed=1):

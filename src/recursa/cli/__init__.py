@@ -31,8 +31,8 @@ def add_precision_args(p) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: the checkpoint's, bfloat16 with --quantization)")
     p.add_argument("--quantization", choices=("int8", "int4"), default=None,
-                   help="weight-only int8 (per channel) or int4 (groups of 32); int4 uses the model's "
-                        "int4.safetensors (GGUF Q4_1 blocks, `models fetch --keep-int4`) when present")
+                   help="weight-only int8 (per channel) or int4 (groups of 32) projections; int4 uses the "
+                        "model's int4.safetensors (GGUF Q4_1 blocks, `models fetch --keep-int4`) when present")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -5,14 +5,20 @@ At batch 1 a decoder step reads every weight once, so the bytes per weight set t
 
 - dtype "bfloat16" | "float32": the compute dtype of activations, embeddings, norms' gains,
   adapters and KV cache (RMSNorm still normalises in fp32; RoPE frequencies stay fp32).
-- quantization None | "int8" | "int4": every projection of every Block (and the LM head, the
-  tied embedding's matmul included; the embedding lookup keeps the compute dtype) becomes
+- quantization None | "int8" | "int4": every projection of every Block becomes
   - `Int8Linear`: symmetric int8 per output channel, w = s[n] * q[n, k], q in [-127, 127];
     CPU kernel `torch._weight_int8pack_mm`;
   - `Int4Linear`: affine int4 in groups of `group_size` inputs (32 by default, like GGUF's
     Q4_1), w = scale * q + minimum, q in [0, 15]; CPU kernel `torch._weight_int4pack_mm_for_cpu`.
   Elsewhere (CUDA) both dequantize to the compute dtype and run F.linear: slower, never wrong.
-- q/k/v and gate/up are fused first (Block.fuse), so each becomes one (quantized) matmul.
+  The LM head (the tied embedding's matmul) stays in the compute dtype by default: in int4 it
+  costs SmolLM2 +5.7% perplexity (its rms weight error is 9% of the weights', 0.2% for the
+  projections), and at its shape (49k x 576) the int8 kernel is slower than bf16 at batch 1 and
+  6x slower at batch 32, int4 3x slower at batch 32 (benchmarks/RESULTS.md). `head="int8"` or
+  `"int4"` quantizes it anyway (the embedding lookup keeps the compute dtype either way).
+- q/k/v and gate/up are fused first (Block.fuse), so each becomes one (quantized) matmul — in
+  bf16 and quantized models; plain fp32 stays unfused by default (fused fp32 matmuls measured
+  slower at batch 1 in two of three runs, benchmarks/RESULTS.md).
 
 Both modules keep nn.Linear's contract (x [..., in] -> [..., out]), so LoRA adapters of
 relaxed recursive models still add on top. Quantize from fp32 weights: the scales are computed
@@ -185,11 +191,11 @@ def _block_linears(model):
 
 
 @torch.no_grad()
-def quantize_(model, quantization: str, group_size: int = 32, head: bool | str = True,
+def quantize_(model, quantization: str, group_size: int = 32, head: bool | str = False,
               int4_weights: dict | None = None):
     """Replace (in place) the Blocks' projections, and with `head` the LM head, by quantized modules.
 
-    head: True (the same format), False (the LM head keeps the compute dtype), or "int8" / "int4".
+    head: False (the LM head keeps the compute dtype), "int8" / "int4", or True (the projections' format).
 
     int4_weights: optional {"layers.3.attn.q_proj.weight": (q [N, K], scale, minimum)} of int4
     blocks to use as they are instead of quantizing the float weight (recursa.convert.q4:
@@ -233,18 +239,19 @@ def fuse_(model):
 
 
 @torch.no_grad()
-def prepare(model, dtype=None, quantization: str | None = None, group_size: int = 32, fuse: bool = True,
-            head: bool | str = True, int4_weights=None):
+def prepare(model, dtype=None, quantization: str | None = None, group_size: int = 32, fuse: bool | None = None,
+            head: bool | str = False, int4_weights=None):
     """An inference model (in place, returned): fused projections, the compute dtype, quantized weights.
 
     dtype None keeps the model's own, or bf16 with a quantization (what the CPU kernels want);
     quantization None | "int8" | "int4" (see the module docstring). int4_weights: int4 blocks to
     use as they are (see quantize_), or a model directory whose int4.safetensors holds them (if any).
+    fuse: None = fuse unless the model stays plain fp32.
     """
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise RecursaError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
     dtype = resolve_dtype(dtype) or (KERNEL_DTYPE if quantization else model.embed_tokens.weight.dtype)
-    if fuse:
+    if fuse or fuse is None and (quantization is not None or dtype != torch.float32):
         fuse_(model)
     if isinstance(int4_weights, (str, os.PathLike)):
         int4_weights = load_int4_weights(int4_weights) if quantization == "int4" else None
