@@ -163,7 +163,7 @@ def test_a_failing_step_ends_the_requests_in_flight_and_the_server_goes_on(model
         assert httpx.get(server.url + "/health").status_code == 200
 
 
-def test_non_streaming_client_that_leaves_is_aborted(model_dir):
+def test_non_streaming_client_that_leaves_is_aborted(model_dir, caplog):
     with serving(model_dir, step_delay=0.01) as server:
         async def leave():
             async with httpx.AsyncClient() as c:
@@ -173,6 +173,7 @@ def test_non_streaming_client_that_leaves_is_aborted(model_dir):
         asyncio.run(leave())
         assert server.idle()
         assert server.loop.num_aborted == 1 and server.engine.num_output_tokens < 200
+    assert "unhandled error" not in caplog.text
 
 
 def test_extreme_but_valid_sampling_values_are_served(server):

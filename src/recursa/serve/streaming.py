@@ -100,9 +100,10 @@ async def collect(request, ticket, head: dict, kind: str) -> dict | None:
         await asyncio.wait({finals, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not finals.done():
+        left = not finals.done()   # the client went first (or this handler was cancelled)
+        if left:
             finals.cancel()
-    if finals.cancelled():
+    if left:
         return None
     outs = finals.result()
     if kind == "chat":
