@@ -104,7 +104,8 @@ def kernels(cfg, rounds: int, formats=("fp32", "bf16", "int8", "int4")) -> list[
 
 # ---- quality ---------------------------------------------------------------------------------
 def _prepared(base, name, dtype, quantization, head, model_dir):
-    from recursa.model.quant import load_int4_weights, prepare
+    from recursa.model.int4_weights import load_int4_weights
+    from recursa.model.quant import prepare
 
     blocks = None
     if "q4_1" in name:

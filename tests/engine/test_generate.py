@@ -56,3 +56,8 @@ def test_batched_draws_follow_softmax_and_rows_keep_their_settings():
     rows = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
     out = sample_rows(rows, [0.0, 1.0, 1.0], [0, 1, 0], [1.0, 1.0, 0.01], [None, None, torch.Generator().manual_seed(0)])
     assert out == [1, 1, 1]   # greedy; top-k 1; a tiny nucleus keeps only the top token
+
+
+def test_a_top_p_below_float32_range_keeps_the_top_token():
+    rows = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 50)
+    assert set(sample(rows, 1.0, top_p=1e-300, generator=torch.Generator().manual_seed(0)).tolist()) == {1}

@@ -17,8 +17,8 @@ from recursa.convert.q4 import dequantize, q4_1_blocks
 from reference import full_forward_generate
 from recursa.errors import RecursaError
 from recursa.model import Decoder
-from recursa.model.quant import (Int4Linear, Int8Linear, int4_affine, load_int4_weights, pack_int4, prepare,
-                                 save_int4_weights, unpack_int4)
+from recursa.model.int4_weights import load_int4_weights, save_int4_weights
+from recursa.model.quant import Int4Linear, Int8Linear, int4_affine, pack_int4, prepare, unpack_int4
 
 
 def _x(*shape):

@@ -222,7 +222,7 @@ def fetch(name: str, out_dir: str | os.PathLike | None = None, cache_dir: str | 
         model.save(tmp)
         _write_tokenizer(tokenizer, tmp)
         if blocks is not None:
-            from recursa.model.quant import save_int4_weights
+            from recursa.model.int4_weights import save_int4_weights
 
             save_int4_weights(blocks, tmp)
     log(f"wrote {out} ({model.num_params() / 1e6:.1f}M parameters, fp32) in {time.perf_counter() - start:.1f}s")

@@ -45,7 +45,8 @@ def sample_rows(logits: torch.Tensor, temperatures, top_ks, top_ps, generators) 
     device, (N, V) = logits.device, logits.shape
     temp = torch.tensor([t if t > 0 else 1.0 for t in temperatures], device=device)
     scaled = _keep_top(logits.float() / temp[:, None], torch.tensor([max(k, 0) for k in top_ks], device=device),
-                       torch.tensor(top_ps, dtype=torch.float32, device=device))
+                       torch.tensor(top_ps, dtype=torch.float32, device=device).clamp(min=1e-6))   # a top_p below
+    # float32's range would round to 0 (off); 1e-6 keeps what any tiny nucleus keeps: the top token
     u = torch.empty(N, V, device=device)
     for i, (t, g) in enumerate(zip(temperatures, generators)):
         if t > 0:

@@ -39,13 +39,13 @@ of 64 so that layout holds for every row (the padded rows' outputs are cut off).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recursa.errors import RecursaError
+from recursa.model.int4_weights import load_int4_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("int8", "int4")
@@ -266,42 +266,6 @@ def prepare(model, dtype=None, quantization: str | None = None, group_size: int 
     return model.eval().requires_grad_(False)
 
 
-INT4_FILE = "int4.safetensors"  # beside model.safetensors: int4 blocks kept from a GGUF (recursa models fetch)
-
-
-def save_int4_weights(weights: dict, directory) -> Path:
-    """Write {weight name: (q uint8 [N, K], scale, minimum [N, K/g])} as `directory/int4.safetensors`."""
-    from safetensors.torch import save_file
-
-    path = Path(directory) / INT4_FILE
-    tensors = {}
-    for name, (q, scale, minimum) in weights.items():
-        q = q.to(torch.uint8)
-        tensors[f"{name}.qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()  # two per byte, low first
-        tensors[f"{name}.scale"], tensors[f"{name}.minimum"] = scale.contiguous(), minimum.contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "library": "recursa", "int4": "w = scale * q + minimum"})
-    os.replace(tmp, path)
-    return path
-
-
-def load_int4_weights(directory) -> dict | None:
-    """The int4 blocks saved beside a model (see save_int4_weights), or None when there are none."""
-    from safetensors.torch import load_file
-
-    path = Path(directory) / INT4_FILE
-    if not path.is_file():
-        return None
-    tensors = load_file(str(path))
-    weights = {}
-    for key in tensors:
-        if key.endswith(".qweight"):
-            name, packed = key[:-len(".qweight")], tensors[key]
-            q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
-            weights[name] = (q, tensors[f"{name}.scale"], tensors[f"{name}.minimum"])
-    return weights
-
-
 def weight_bytes(model) -> int:
     """Bytes of every weight read per decode step: the Blocks' projections and the LM head."""
     total = 0
@@ -314,5 +278,4 @@ def weight_bytes(model) -> int:
 
 
 __all__ = ["DTYPES", "QUANTIZATIONS", "Int8Linear", "Int4Linear", "int4_affine", "pack_int4", "unpack_int4",
-           "quantized_linear", "quantize_", "fuse_", "prepare", "resolve_dtype", "weight_bytes", "INT4_FILE",
-           "save_int4_weights", "load_int4_weights"]
+           "quantized_linear", "quantize_", "fuse_", "prepare", "resolve_dtype", "weight_bytes"]
