@@ -4,25 +4,16 @@ The tokenizer is a small byte-level BPE trained here; the model is random, so th
 noise — what matters is that text and token ids stay consistent with each other.
 """
 import pytest
-import torch
 
 from recursa import LLM, SamplingParams
 from recursa.cli import main
-from recursa.presets import preset
-from recursa.data.tokenizer import train_tokenizer
 from reference import full_forward_generate
-from recursa.model import Decoder
+from tiny_models import save_tiny_text_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = train_tokenizer(["the cat sat on the mat. " * 40, "once upon a time there was a sea"], vocab_size=300)
-    torch.manual_seed(3)
-    model = Decoder(preset("tiny", vocab_size=tok.vocab_size)).eval()
-    path = tmp_path_factory.mktemp("m")
-    model.save(path)
-    tok.save(path)
-    return path
+    return save_tiny_text_model(tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,14 @@ import threading
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
 
 from recursa import LLM  # noqa: E402
-from recursa.presets import preset  # noqa: E402
-from recursa.data.tokenizer import train_tokenizer  # noqa: E402
-from recursa.model import Decoder  # noqa: E402
 from recursa.serve import build_app  # noqa: E402
 from recursa.serve.chat import ChatTemplate  # noqa: E402
+from tiny_models import save_tiny_text_model  # noqa: E402
 
 # differs from the ChatML fallback, so the tests see that the model's own template is used
 TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -26,12 +23,7 @@ ENGINE = dict(kv_cache_memory=2**22, max_num_batched_tokens=256)
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    tok = train_tokenizer(["the cat sat on the mat. " * 40, "once upon a time there was a sea"], vocab_size=300)
-    torch.manual_seed(3)
-    model = Decoder(preset("tiny", vocab_size=tok.vocab_size)).eval()
-    path = tmp_path_factory.mktemp("serve-model")
-    model.save(path)
-    tok.save(path)
+    path = save_tiny_text_model(tmp_path_factory.mktemp("serve-model"))
     (path / "chat_template.jinja").write_text(TEMPLATE)
     return path
 
