@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,7 +75,7 @@ def prepare_model(model_dir: Path) -> tuple[Path, Path, Path]:
 class Worker:
     """One engine + precision in its own process, driven line by line (see peers_worker.py)."""
 
-    def __init__(self, engine, precision, python, model, threads, concurrency, warmup, log):
+    def __init__(self, engine, precision, python, model, threads, concurrency, warmup, log, timeout):
         self.engine, self.precision, self.error, self.info = engine, precision, None, {}
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                    VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
@@ -85,6 +87,8 @@ class Worker:
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env=env, bufsize=1)
+        self.replies, self.timeout = queue.Queue(), timeout
+        threading.Thread(target=self._pump, daemon=True).start()
         ready = self._read()
         if "error" in ready:
             self.error = ready["error"]
@@ -92,15 +96,25 @@ class Worker:
         else:
             self.info = ready
 
-    def _read(self) -> dict:
+    def _pump(self) -> None:  # a thread: the worker's replies into a queue, the chatter dropped
         for line in self.proc.stdout:
             if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
-        return {"error": f"process ended (exit {self.proc.wait()}); see {self.log.name}"}
+                self.replies.put(json.loads(line[len(MARK):]))
+        self.replies.put({"error": f"process ended (exit {self.proc.wait()}); see {self.log.name}"})
+
+    def _read(self) -> dict:
+        try:
+            return self.replies.get(timeout=self.timeout)
+        except queue.Empty:
+            self.proc.kill()
+            return {"error": f"no reply in {self.timeout:.0f} s; killed (see {self.log.name})"}
 
     def run(self, prompts, concurrent: bool, new_tokens: int) -> dict:
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "concurrent": concurrent, "new_tokens": new_tokens}) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps({"prompts": prompts, "concurrent": concurrent, "new_tokens": new_tokens}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return {"error": f"worker gone (exit {self.proc.poll()}); see {self.log.name}"}
         return self._read()
 
     def close(self) -> None:
@@ -137,6 +151,7 @@ def main() -> None:
     ap.add_argument("--engines", default="recursa,hf,vllm,llama.cpp", help="comma-separated subset")
     ap.add_argument("--quick", action="store_true", help="1 round, 2 batch-1 prompts, quick ceilings (~3-5 min)")
     ap.add_argument("--no-install", action="store_true", help="skip peers whose virtualenv is not installed yet")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds a worker may take to load or to answer")
     ap.add_argument("--logs", default=None, help="directory for the workers' stderr (default: a temp dir)")
     args = ap.parse_args()
     if args.quick:
@@ -177,7 +192,7 @@ def main() -> None:
             continue
         print(f"starting {engine} {precision} ...", file=sys.stderr)
         w = Worker(engine, precision, python[engine], models[engine], args.threads, args.prompts, prompts[:4],
-                   logs / f"{engine}-{precision}.log")
+                   logs / f"{engine}-{precision}.log", args.timeout)
         if w.error:
             errors[(engine, precision)] = w.error
             print(f"  {engine} {precision}: {w.error}", file=sys.stderr)

@@ -13,8 +13,8 @@ embedding as the LM head; q/k/v and gate/up as separate matrices):
 
 For each format: bytes per decode token (weights in their stored format, scales included, plus the
 KV cache read in the compute dtype), the kernel's time for all matrices at batch 1 (the batch-1
-ceiling in tokens/s) and at batch 32, and its GEMM peak (FLOP/s of all matrices at batch 256, where
-the kernel is compute bound). `fractions(...)` puts a measured decode rate against them:
+ceiling in tokens/s) and at batch 32, and its GEMM peak (FLOP/s of one layer's matrices at batch 256,
+where the kernel is compute bound; one layer, not the model, to keep the measurement short). `fractions(...)` puts a measured decode rate against them:
 batch-1 tok/s as a fraction of its format's kernel ceiling and of the copy bandwidth (bytes/token x
 tok/s / bandwidth); large-batch tok/s x FLOPs/token as a fraction of its format's GEMM peak.
 
@@ -119,21 +119,22 @@ class FormatCeilings:
     weight_bytes: int          # all matrices in the stored format
     batch1_tok_s: float        # 1 / kernel time for all matrices at batch 1
     batch32_tok_s: float       # 32 / kernel time at batch 32
-    gemm_peak_flop_s: float    # FLOP/s of all matrices at batch PEAK_BATCH
+    gemm_peak_flop_s: float    # FLOP/s of the first layer's matrices at batch PEAK_BATCH
 
 
 def measure(model, threads: int, formats=FORMATS, quick: bool = False) -> dict:
     """Copy bandwidth and per-format kernel ceilings for `model`'s matrices, with `threads` threads."""
     mats = model_matrices(model)
-    flops_per_row = 2 * sum(w.numel() for w in mats)
-    reps = 2 if quick else 5
-    out = {"threads": threads, "bandwidth_bytes_s": roofline.measure_bandwidth(threads, repeats=reps), "formats": {}}
+    layer = [p.detach() for p in model.stage(0).parameters() if p.dim() == 2]  # the GEMM peak's sample
+    layer_flops = 2 * PEAK_BATCH * sum(w.numel() for w in layer)
+    reps = 1 if quick else 3
+    out = {"threads": threads, "bandwidth_bytes_s": roofline.measure_bandwidth(threads, repeats=reps + 1), "formats": {}}
     for fmt in formats:
-        t1 = kernel_seconds(mats, fmt, 1, threads, reps)
+        t1 = kernel_seconds(mats, fmt, 1, threads, reps + 1)
         t32 = kernel_seconds(mats, fmt, 32, threads, reps)
-        tp = kernel_seconds(mats, fmt, PEAK_BATCH, threads, max(1, reps // 2))
+        tp = kernel_seconds(layer, fmt, PEAK_BATCH, threads, reps)
         out["formats"][fmt] = asdict(FormatCeilings(fmt, sum(matrix_bytes(*w.shape, fmt) for w in mats),
-                                                    1 / t1, 32 / t32, PEAK_BATCH * flops_per_row / tp))
+                                                    1 / t1, 32 / t32, layer_flops / tp))
     return out
 
 
