@@ -25,6 +25,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_precision_args(p) -> None:
+    """--dtype / --quantization (recursa.model.quant.prepare), for commands that run a model."""
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: the checkpoint's, bfloat16 with --quantization)")
+    p.add_argument("--quantization", choices=("int8", "int4"), default=None,
+                   help="weight-only int8 (per channel) or int4 (groups of 32); int4 uses the model's "
+                        "int4.safetensors (GGUF Q4_1 blocks, `models fetch --keep-int4`) when present")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recursa", description="Adaptive-depth language models and their engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")

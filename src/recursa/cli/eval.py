@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from recursa.cli import positive_int
+from recursa.cli import add_precision_args, positive_int
 from recursa.errors import RecursaError
 
 
@@ -47,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     p.add_argument("--list-tasks", action="store_true", help="list the available tasks and variants, then exit")
     p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
+    add_precision_args(p)
     p.set_defaults(func=run)
 
 
@@ -98,7 +99,12 @@ def run(args) -> int:
     from recursa.model import load
 
     model = load(args.model)
-    results: dict = {"model": str(args.model), "limit": args.limit}
+    if args.dtype is not None or args.quantization is not None:
+        from recursa.model.quant import prepare
+
+        model = prepare(model, args.dtype, args.quantization, int4_weights=args.model)
+    results: dict = {"model": str(args.model), "limit": args.limit, "dtype": args.dtype,
+                     "quantization": args.quantization}
     if args.data:
         from recursa.data.packed import read_tokens
 

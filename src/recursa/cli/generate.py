@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from recursa.cli import positive_int
+from recursa.cli import add_precision_args, positive_int
 from recursa.engine.confidence import CHOICES as MEASURE_CHOICES
 from recursa.engine.early_exit import STRATEGIES
 from recursa.errors import RecursaError
@@ -62,6 +62,7 @@ def register(sub) -> None:
                         "state, or the model's learned exit classifier (recursa train-exit-classifier)")
     e.add_argument("--max-draft", type=positive_int, default=4, help="speculative: drafts per verification (default 4)")
     p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
+    add_precision_args(p)
     p.set_defaults(func=run)
 
 
@@ -72,11 +73,10 @@ def run(args) -> int:
         return run_early_exit(args)
     from recursa.engine.llm import LLM
     from recursa.engine.sampling_params import SamplingParams
-    from recursa.model import load
 
     from recursa.data.tokenizer import load_tokenizer
 
-    model = load(args.model)
+    model = _load(args)
     if not (Path(args.model) / "tokenizer.json").is_file():
         raise RecursaError(f"{args.model} has no tokenizer.json")
     exit_policy = _exit_policy(args, model) if args.exit_strategy == "parallel" else None
@@ -119,6 +119,17 @@ def run(args) -> int:
     return 0
 
 
+def _load(args):
+    """The model of args.model, prepared for --dtype / --quantization when given."""
+    from recursa.model import load
+    from recursa.model.quant import prepare
+
+    model = load(args.model)
+    if args.dtype is None and args.quantization is None:
+        return model
+    return prepare(model, args.dtype, args.quantization, int4_weights=args.model)
+
+
 def _print_depths(tokenizer, tokens: list[int], depths: list[int], n_layers: int) -> None:
     """Per token the depth its prediction came from; the mean depth and the share of tokens per depth."""
     print("token  depth  text")
@@ -157,12 +168,11 @@ def run_early_exit(args) -> int:
     """One prompt through EarlyExitDecoder (copy, speculative); text, per-token depths, shares per exit."""
     from recursa.data.tokenizer import load_tokenizer
     from recursa.engine.early_exit import early_exit_generate
-    from recursa.model import load
 
     if len(args.prompt) != 1:
         raise RecursaError(f"--exit-strategy {args.exit_strategy} decodes a single request: give one --prompt, "
                            f"got {len(args.prompt)} (--exit-strategy parallel runs several in the engine)")
-    model = load(args.model)
+    model = _load(args)
     policy = _exit_policy(args, model)
     tokenizer = load_tokenizer(args.model)
     prompt = _chat(args.prompt[0]) if args.chat else args.prompt[0]

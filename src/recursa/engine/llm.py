@@ -5,6 +5,12 @@
     for out in llm.generate(["Once upon a time", "The sea"], SamplingParams(temperature=0, max_tokens=32)):
         print(out.text, out.finish_reason)
 
+`dtype` ("bfloat16" | "float32") and `quantization` (None | "int8" | "int4", weight-only) prepare
+the model for inference first (recursa.model.quant.prepare: fused q/k/v and gate/up, the compute
+dtype, quantized projections and LM head; the KV cache takes the compute dtype); a Decoder passed
+in is converted in place. With "int4", a model directory holding int4.safetensors (`recursa models
+fetch --keep-int4`) uses those blocks as they are (SmolLM2's own Q4_1) instead of re-quantizing.
+
 Keyword arguments are EngineConfig's (max_num_seqs, max_num_batched_tokens, max_model_len,
 block_size, kv_cache_memory, policy); `exit_policy` (an early_exit.ExitPolicy) turns on early
 exit for a model with exits, decoded at batch > 1 with lossless KV (depth_router.py). The streaming interface (add_request, abort_request,
@@ -21,11 +27,14 @@ from recursa.engine.llm_engine import LLMEngine
 from recursa.engine.outputs import RequestOutput
 from recursa.engine.sampling_params import SamplingParams
 from recursa.errors import RecursaError
+from recursa.model import quant
 from recursa.model.decoder import Decoder, load
 
 
 class LLM(LLMEngine):
-    def __init__(self, model: Decoder | str | os.PathLike, tokenizer=None, exit_policy=None, **engine_args):
+    def __init__(self, model: Decoder | str | os.PathLike, tokenizer=None, exit_policy=None, dtype=None,
+                 quantization: str | None = None, **engine_args):
+        directory = None
         if isinstance(model, (str, os.PathLike)):
             directory = Path(model)
             model = load(directory)
@@ -35,6 +44,8 @@ class LLM(LLMEngine):
                 tokenizer = load_tokenizer(directory)
         elif not isinstance(model, Decoder):
             raise RecursaError(f"LLM takes a model directory or a recursa Decoder, not {type(model).__name__}")
+        if dtype is not None or quantization is not None:
+            model = quant.prepare(model, dtype, quantization, int4_weights=directory)
         super().__init__(model, tokenizer, EngineConfig(**engine_args), exit_policy)
         self._ids = itertools.count()
 

@@ -133,9 +133,12 @@ class Decoder(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: hidden states -> logits."""
-        h = self.norm(h)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        return self.lm_logits(self.norm(h))
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's matmul on normed hidden states (the tied embedding, or `lm_head`: an
+        nn.Linear, or a quantized module once prepared for inference, recursa.model.quant)."""
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
     # ---- Mixture-of-Recursions (semantics: recursa.model.mor) ---------------------------------
     def _kv_sources(self) -> tuple[int, ...]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from recursa.errors import RecursaError
@@ -100,7 +99,7 @@ def exit_logits(model: nn.Module, hidden: torch.Tensor, depth: int, heads: ExitH
         heads = getattr(model, "exit_heads", None)
     if heads is None or depth == model.depth or str(depth) not in heads.norms:
         return model.head(hidden)
-    return F.linear(heads.norms[str(depth)](hidden), lm_weight(model))
+    return model.lm_logits(heads.norms[str(depth)](hidden))
 
 
 def with_exits(model: nn.Module, depths, own_norm: bool = False) -> nn.Module:

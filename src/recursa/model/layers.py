@@ -4,6 +4,10 @@ Every module is stateless: keys/values come in and go out as plain tensors, so t
 serves the training forward (no cache), a single-request decoder, and the batching engine.
 `lora` (optional, relaxed recursive models): a mapping projection name -> module whose output is
 added to that projection's (see recursa.model.lora); None runs the plain weights.
+`fuse()` (Attention, MLP, Block; inference only) replaces q/k/v by one `qkv_proj` and gate/up by
+one `gate_up_proj`, so each is one matmul; outputs are split back per projection (LoRA adapters
+still add to each part). Training, checkpoints and HF conversion use the unfused names: fuse after
+loading, never before saving.
 Shapes: x [B, T, D]; q [B, H, T, hd]; k, v [B, Hkv, T, hd]; cos, sin [B or 1, T, hd].
 """
 from __future__ import annotations
@@ -57,6 +61,22 @@ def _project(proj: nn.Linear, name: str, x: torch.Tensor, lora) -> torch.Tensor:
     return y if lora is None or name not in lora else y + lora[name](x)
 
 
+def _project_fused(proj: nn.Module, names: tuple[str, ...], sizes: list[int], x: torch.Tensor, lora):
+    """One matmul for several projections of the same input, split back; each part gets its adapter."""
+    parts = proj(x).split(sizes, dim=-1)
+    if lora is None:
+        return parts
+    return tuple(y + lora[n](x) if n in lora else y for y, n in zip(parts, names))
+
+
+def _fused_linear(*projs: nn.Linear) -> nn.Linear:
+    """An nn.Linear whose output is the concatenation of `projs`' outputs (same input)."""
+    w = torch.cat([p.weight.detach() for p in projs], dim=0)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    return fused
+
+
 def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     """Boolean [q_len, kv_len] mask (True = attend) for the last q_len of kv_len positions."""
     offset = kv_len - q_len
@@ -73,20 +93,36 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_proj = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Inference transform: q/k/v become one matmul (`qkv_proj`); the separate weights go."""
+        if self.qkv_proj is None:
+            self.qkv_proj = _fused_linear(self.q_proj, self.k_proj, self.v_proj)
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def _projections(self, x: torch.Tensor, lora):
+        if self.qkv_proj is not None:
+            kv = self.n_kv_heads * self.head_dim
+            return _project_fused(self.qkv_proj, ("q_proj", "k_proj", "v_proj"),
+                                  [self.n_heads * self.head_dim, kv, kv], x, lora)
+        return tuple(_project(getattr(self, n), n, x, lora) for n in ("q_proj", "k_proj", "v_proj"))
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None):
         """Project and rotate: q [B,H,T,hd], k/v [B,Hkv,T,hd] for the new tokens."""
         B, T, _ = x.shape
-        q = _project(self.q_proj, "q_proj", x, lora).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = _project(self.k_proj, "k_proj", x, lora).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = _project(self.v_proj, "v_proj", x, lora).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._projections(x, lora)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None) -> torch.Tensor:
-        """Queries only, q [B,H,T,hd] (shared-KV stages compute no K/V of their own)."""
+        """Queries only, q [B,H,T,hd] (shared-KV stages compute no K/V of their own; once fused,
+        the one q/k/v matmul runs and k/v are dropped)."""
         B, T, _ = x.shape
-        q = _project(self.q_proj, "q_proj", x, lora).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin)
+        q = (self._projections(x, lora)[0] if self.qkv_proj is not None else _project(self.q_proj, "q_proj", x, lora))
+        return apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
 
     def output(self, attn: torch.Tensor, lora=None) -> torch.Tensor:
         """attn [B,H,T,hd] -> [B,T,D]."""
@@ -130,10 +166,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Inference transform: gate/up become one matmul (`gate_up_proj`); the separate weights go."""
+        if self.gate_up_proj is None:
+            self.gate_up_proj = _fused_linear(self.gate_proj, self.up_proj)
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
-        h = F.silu(_project(self.gate_proj, "gate_proj", x, lora)) * _project(self.up_proj, "up_proj", x, lora)
-        return _project(self.down_proj, "down_proj", h, lora)
+        if self.gate_up_proj is not None:
+            ffn = self.gate_up_proj.out_features // 2
+            gate, up = _project_fused(self.gate_up_proj, ("gate_proj", "up_proj"), [ffn, ffn], x, lora)
+        else:
+            gate, up = _project(self.gate_proj, "gate_proj", x, lora), _project(self.up_proj, "up_proj", x, lora)
+        return _project(self.down_proj, "down_proj", F.silu(gate) * up, lora)
 
 
 class Block(nn.Module):
@@ -145,6 +192,11 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+
+    def fuse(self) -> None:
+        """Fused q/k/v and gate/up matmuls for inference (see Attention.fuse, MLP.fuse)."""
+        self.attn.fuse()
+        self.mlp.fuse()
 
     def forward(self, x, cos, sin, past_kv=None, mask=None, lora=None, attend=None, skip_kv=False):
         a, kv = self.attn(self.attn_norm(x), cos, sin, past_kv=past_kv, mask=mask, lora=lora, attend=attend,
