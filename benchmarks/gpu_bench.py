@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -30,10 +29,10 @@ from recursa import SamplingParams
 from recursa.config import preset
 from recursa.model import Decoder
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import random_prompts  # noqa: E402  (the peer benchmark's seeded prompts)
 
-def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab) for _ in range(rng.randint(8, 48))] for _ in range(n)]
+SHAPES = {"135m": ("135m", "mor-135m"), "tiny": ("tiny", "mor-tiny")}  # (vanilla/exits, MoR) presets
 
 
 def make_llm(model, dtype: str, **kw):
@@ -44,13 +43,14 @@ def make_llm(model, dtype: str, **kw):
         return recursa.LLM(model, **kw), "float32 (engine has no dtype=)"
 
 
-def timed(llm, batch: list[list[int]], new_tokens: int) -> dict:
+def timed(llm, batch: list[list[int]], new_tokens: int, device: str) -> dict:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(batch[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     outs = llm.generate(batch, sp)
-    torch.cuda.synchronize()
+    sync()
     secs = time.perf_counter() - t0
     n = sum(len(o.token_ids) for o in outs)
     depths = [d for o in outs for d in (o.exit_depths or [])]
@@ -66,28 +66,32 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--budget", type=float, default=270.0, help="seconds after which no new row starts")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script's logic (with --shape tiny)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="135m", help="the random stand-in's shape")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_bench: no CUDA device (torch.cuda.is_available() is False)")
     t_start = time.perf_counter()
     torch.manual_seed(0)
     real = (Path(args.model) / "config.json").is_file()
-    base = recursa.load(args.model) if real else Decoder(preset("135m")).eval()
-    source = args.model if real else "random init, SmolLM2-135M shape (preset 135m)"
+    shape, mor_shape = SHAPES[args.shape]
+    base = recursa.load(args.model) if real else Decoder(preset(shape)).eval()
+    source = args.model if real else f"random init, preset {shape}"
+    exits = [base.cfg.n_layers // 3, 2 * base.cfg.n_layers // 3]
     models = [("vanilla", base, None)]
     try:
         from recursa.engine.early_exit import ExitPolicy
         from recursa.engine.thresholds import Fixed
         from recursa.model.exits import ExitSpec
 
-        ee = Decoder(preset("135m", exit_depths=[10, 20])).eval()
+        ee = Decoder(preset(shape, exit_depths=exits)).eval()
         ee.load_state_dict(base.state_dict(), strict=False)  # same backbone; shared-head exits
-        models.append(("early exit 10,20 (thr 0.9)" if real else "early exit 10,20 (thr 0)", ee,
+        models.append((f"early exit {exits[0]},{exits[1]} (thr {0.9 if real else 0})", ee,
                        ExitPolicy(ExitSpec.from_config(ee.cfg), "max_prob", Fixed(0.9 if real else 0.0))))
     except Exception as e:  # noqa: BLE001 - an engine without exits: the row says why
         print(f"early exit rows skipped: {e}", flush=True)
     try:
-        models.append(("MoR expert 3 loops (random)", Decoder(preset("mor-135m")).eval(), None))
+        models.append((f"MoR {mor_shape} (random)", Decoder(preset(mor_shape)).eval(), None))
     except Exception as e:  # noqa: BLE001
         print(f"MoR rows skipped: {e}", flush=True)
 
@@ -95,7 +99,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     vocab = base.cfg.vocab_size
     for name, model, policy in models:
-        model = model.to("cuda")
+        model = model.to(args.device)
         for b in batches:
             if time.perf_counter() - t_start > args.budget:
                 print(f"budget of {args.budget:.0f} s spent: {name} batch {b} not run", flush=True)
@@ -103,7 +107,7 @@ def main() -> None:
             llm, kw = None, dict(max_num_seqs=max(batches), max_num_batched_tokens=8192, exit_policy=policy)
             try:
                 llm, used = make_llm(model, args.dtype, **kw)
-                res = timed(llm, prompts(b, vocab), args.new_tokens)
+                res = timed(llm, random_prompts(b, vocab, 0), args.new_tokens, args.device)
             except Exception as e:  # noqa: BLE001 - one failing row must not hide the others
                 res, used = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}, args.dtype
             row = {"model": name, "batch": b, "dtype": used, **res}
@@ -111,14 +115,16 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             del llm
         model.to("cpu")
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
 
     print(f"\n{'model':<32}{'batch':>6}{'tok/s':>10}{'depth':>7}  dtype")
     for r in rows:
         depth = "-" if r.get("mean_depth") is None else f"{r['mean_depth']:.1f}"
         tok = f"{r['tok_s']:.1f}" if "tok_s" in r else r.get("error", "")
         print(f"{r['model']:<32}{r['batch']:>6}{tok:>10}{depth:>7}  {r['dtype']}")
-    doc = {"benchmark": "gpu_bench", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else args.device
+    doc = {"benchmark": "gpu_bench", "device": device, "torch": torch.__version__,
            "weights": source, "new_tokens": args.new_tokens, "seconds": round(time.perf_counter() - t_start), "rows": rows}
     print(json.dumps(doc))
     if args.out:

@@ -35,7 +35,8 @@ def recursa_engine(args):
 
     torch.set_num_threads(args.threads)
     kwargs = {"fp32": {}, "bf16": {"dtype": "bfloat16"},
-              "int8": {"quantization": "int8"}, "int4": {"quantization": "int4"}}[args.precision]
+              "int8": {"dtype": "bfloat16", "quantization": "int8"},
+              "int4": {"dtype": "bfloat16", "quantization": "int4"}}[args.precision]
     try:
         llm = recursa.LLM(args.model, max_num_seqs=args.concurrency, max_num_batched_tokens=1024, **kwargs)
     except TypeError as e:  # an engine without LLM(dtype=..., quantization=...)
