@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="recursa,hf,vllm,llama.cpp", help="comma-separated subset")
     ap.add_argument("--quick", action="store_true", help="1 round, 2 batch-1 prompts, quick ceilings (~3-5 min)")
+    ap.add_argument("--no-roofline", action="store_true", help="skip the kernel ceilings (a few minutes) and the roofline")
     ap.add_argument("--no-install", action="store_true", help="skip peers whose virtualenv is not installed yet")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a worker may take to load or to answer")
     ap.add_argument("--logs", default=None, help="directory for the workers' stderr (default: a temp dir)")
@@ -167,8 +168,10 @@ def main() -> None:
     model = load(model_dir)
     prompts = random_prompts(args.prompts, model.cfg.vocab_size, args.seed)
     one = prompts[:args.batch1_prompts]
-    print(f"ceilings: {args.threads} threads ...", file=sys.stderr)
-    ceilings = roofline_dtypes.measure(model, args.threads, quick=args.quick)
+    ceilings = None
+    if not args.no_roofline:
+        print(f"ceilings: {args.threads} threads ...", file=sys.stderr)
+        ceilings = roofline_dtypes.measure(model, args.threads, quick=args.quick)
 
     engines = set(args.engines.split(","))
     python = {"recursa": Path(sys.executable), "hf": Path(sys.executable)}
@@ -242,7 +245,7 @@ def main() -> None:
         err = [v for k, v in errors.items() if k[:2] == (engine, precision)]
         if engine in notes or err:
             row["note"] = notes.get(engine) or err[0]
-        if "batch1_tok_s" in row or "concurrent_tok_s" in row:
+        if ceilings and ("batch1_tok_s" in row or "concurrent_tok_s" in row):
             row["roofline"] = roofline_dtypes.fractions(
                 model, ceilings, precision, ctx, row.get("batch1_tok_s"), row.get("concurrent_tok_s"),
                 weight_bytes=gguf_bytes if engine == "llama.cpp" else None)
@@ -263,19 +266,20 @@ def main() -> None:
               f"{cell(r.get('batch1_agree_hf_bf16'), pct):>6}{cell(r.get('concurrent_tok_s')):>10}"
               f"{cell(r.get('concurrent_cpu_share'), pct):>5}{cell(r.get('concurrent_agree_hf_fp32'), pct):>6}"
               f"{cell(r.get('concurrent_agree_hf_bf16'), pct):>6}  {r.get('note', '')}")
-    print("\n" + roofline_dtypes.format_ceilings(ceilings))
-    print(f"\nroofline (context {ctx:.0f}): batch 1 vs its format's bare-kernel ceiling and copy bandwidth; "
-          f"{c} concurrent vs the batch-32 kernel ceiling and the format's GEMM peak")
-    print(f"{'engine':<11}{'prec':<6}{'MB/tok':>7}{'b1 %kern':>9}{'b1 GB/s':>8}{'%BW':>6}"
-          f"{'32x %kern':>10}{'GFLOP/s':>8}{'%peak':>6}")
-    for r in rows:
-        f = r.get("roofline")
-        if not f:
-            continue
-        print(f"{r['engine']:<11}{r['precision']:<6}{f['bytes_per_token'] / 1e6:>7.1f}"
-              f"{cell(f.get('batch1_of_kernel'), pct):>9}{cell(f.get('batch1_bytes_s') and f['batch1_bytes_s'] / 1e9, '{:.2f}'):>8}"
-              f"{cell(f.get('batch1_of_bandwidth'), pct):>6}{cell(f.get('many_of_kernel32'), pct):>10}"
-              f"{cell(f.get('many_flop_s') and f['many_flop_s'] / 1e9):>8}{cell(f.get('many_of_gemm_peak'), pct):>6}")
+    if ceilings:
+        print("\n" + roofline_dtypes.format_ceilings(ceilings))
+        print(f"\nroofline (context {ctx:.0f}): batch 1 vs its format's bare-kernel ceiling and copy bandwidth; "
+              f"{c} concurrent vs the batch-32 kernel ceiling and the format's GEMM peak")
+        print(f"{'engine':<11}{'prec':<6}{'MB/tok':>7}{'b1 %kern':>9}{'b1 GB/s':>8}{'%BW':>6}"
+              f"{'32x %kern':>10}{'GFLOP/s':>8}{'%peak':>6}")
+        for r in rows:
+            f = r.get("roofline")
+            if not f:
+                continue
+            print(f"{r['engine']:<11}{r['precision']:<6}{f['bytes_per_token'] / 1e6:>7.1f}"
+                  f"{cell(f.get('batch1_of_kernel'), pct):>9}{cell(f.get('batch1_bytes_s') and f['batch1_bytes_s'] / 1e9, '{:.2f}'):>8}"
+                  f"{cell(f.get('batch1_of_bandwidth'), pct):>6}{cell(f.get('many_of_kernel32'), pct):>10}"
+                  f"{cell(f.get('many_flop_s') and f['many_flop_s'] / 1e9):>8}{cell(f.get('many_of_gemm_peak'), pct):>6}")
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(json.dumps({
         "benchmark": "peers", "git": rev, "model": str(model_dir), "threads": args.threads, "prompts": args.prompts,
