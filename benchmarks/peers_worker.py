@@ -96,7 +96,18 @@ def vllm_engine(args):
 
 def llama_engine(args):
     import llama_cpp
+    import llama_cpp.llama_cpp as lib
 
+    if os.environ.get("RECURSA_LLAMA_EXTRA_BUFTS") != "1":
+        # The source build's extra buffer types (AMX / repacked weights) crash in llama_decode on this
+        # Sapphire Rapids CPU (segfault, llama-cpp-python 0.3.36, GGML_NATIVE=ON); plain CPU buffers work.
+        defaults = lib.llama_model_default_params
+
+        def params():
+            p = defaults()
+            p.use_extra_bufts = False
+            return p
+        lib.llama_model_default_params = params
     llm = llama_cpp.Llama(model_path=args.model, n_ctx=512, n_batch=512, n_threads=args.threads,
                           n_threads_batch=args.threads, seed=0, verbose=False)
 
