@@ -168,10 +168,6 @@ def main() -> None:
     model = load(model_dir)
     prompts = random_prompts(args.prompts, model.cfg.vocab_size, args.seed)
     one = prompts[:args.batch1_prompts]
-    ceilings = None
-    if not args.no_roofline:
-        print(f"ceilings: {args.threads} threads ...", file=sys.stderr)
-        ceilings = roofline_dtypes.measure(model, args.threads, quick=args.quick)
 
     engines = set(args.engines.split(","))
     python = {"recursa": Path(sys.executable), "hf": Path(sys.executable)}
@@ -222,6 +218,10 @@ def main() -> None:
                       file=sys.stderr)
     for w in workers:
         w.close()
+    ceilings = None
+    if not args.no_roofline:  # measured last, with every worker gone: nothing of this run competes
+        print(f"ceilings: {args.threads} threads ...", file=sys.stderr)
+        ceilings = roofline_dtypes.measure(model, args.threads, quick=args.quick)
 
     ctx = sum(len(p) for p in prompts) / len(prompts) + args.new_tokens / 2
     gguf_bytes = None
