@@ -68,6 +68,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without a dispatch when it already is (the decode path calls this ~400 times a step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class Int8Linear(nn.Module):
     """y = x @ (scales[:, None] * weight).T with int8 weight [out, in] and scales [out]."""
 
@@ -92,7 +97,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x)
         if x.device.type == "cpu":
-            y = torch._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.weight, self.scales.to(KERNEL_DTYPE)).to(x.dtype)
+            y = _as(torch._weight_int8pack_mm(_as(x2, KERNEL_DTYPE), self.weight, _as(self.scales, KERNEL_DTYPE)), x.dtype)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -161,9 +166,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x)
         if x.device.type == "cpu":
-            y = torch._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.weight, self.group_size,
-                                                  self.scales_and_zeros.to(KERNEL_DTYPE))
-            y = (y if y.shape[-1] == self.out_features else y[:, :self.out_features]).to(x.dtype)
+            y = torch._weight_int4pack_mm_for_cpu(_as(x2, KERNEL_DTYPE), self.weight, self.group_size,
+                                                  _as(self.scales_and_zeros, KERNEL_DTYPE))
+            y = _as(y if y.shape[-1] == self.out_features else y[:, :self.out_features], x.dtype)
         else:
             y = F.linear(x2, self.dequantize().to(x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
