@@ -214,7 +214,7 @@ def main() -> None:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
-                pass
+                pass   # the server is not listening yet: retry until the deadline
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the server did not come up")
             time.sleep(0.5)

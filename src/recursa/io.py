@@ -36,7 +36,7 @@ def default_mode(directory: bool = False) -> int:
             if line.startswith("Umask:"):
                 mask = int(line.split()[1], 8)
     except (OSError, ValueError):
-        pass
+        pass   # no /proc (not Linux): fall back below
     if mask is None:
         mask = os.umask(0o022)
         os.umask(mask)
@@ -55,7 +55,7 @@ def _as_os_error(e: Exception, path: Path) -> OSError:
         if os.statvfs(path.parent).f_bavail == 0:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     except OSError:
-        pass
+        pass   # cannot tell whether the disk is full: report the original error
     first = text.splitlines()[0] if text else type(e).__name__
     return OSError(errno.EIO, f"write failed, is the disk full? ({first})", str(path))
 

@@ -34,7 +34,7 @@ def _signal_when(signum: int, n_lines: int, path: str, done: threading.Event) ->
                     os.kill(os.getpid(), signum)
                     return
         except OSError:
-            pass
+            pass   # the metrics file is not there yet: poll again
         time.sleep(0.02)
 
 

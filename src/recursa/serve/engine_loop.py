@@ -132,7 +132,7 @@ class EngineLoop:
                 while True:
                     messages.append(self._inbox.get_nowait())
             except queue.Empty:
-                pass
+                pass   # the inbox is drained: go on with what arrived
             for kind, ticket in messages:
                 if kind == "add":
                     self._add(ticket)

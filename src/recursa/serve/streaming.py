@@ -89,7 +89,7 @@ async def _finals(ticket) -> list:
 
 async def _disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
-        pass
+        pass   # other ASGI messages (request body chunks) are not ours to handle
 
 
 async def collect(request, ticket, head: dict, kind: str) -> dict | None:
