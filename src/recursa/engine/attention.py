@@ -35,7 +35,7 @@ class PagedBatch:
         kv_len = int(packed.max()) + 1
         slots = kv.slots([s.block_table for s in seqs], kv_len)                  # [B, Smax] host
         if self.decode:
-            self.valid = self.pad_index = None
+            self.valid = self.pad_index = self.unpad = None
             qpos = packed[:, None]                                                # [B, 1]
             keys = torch.arange(kv_len)
             mask = keys[None, :] <= qpos                                          # [B, Smax]
@@ -51,6 +51,7 @@ class PagedBatch:
             mask = (keys[None, None, :] <= qpos[:, :, None]) | ~valid[:, :, None]   # pad rows see all
             self.new_slots = slots.gather(1, qpos)[valid]
             self.valid, self.pad_index = valid.to(device), pad_index.to(device)
+            self.unpad = valid.view(-1).nonzero()[:, 0].to(device)                 # flat (b, t) of each token
         # [B, 1, Tmax, Smax]; a lone decode token sees every cached key: no mask at all
         self.mask = None if self.decode and len(seqs) == 1 else mask.view(len(seqs), 1, -1, kv_len).to(device)
         self.cos, self.sin = model.rope(packed.to(device), dtype)                 # [1, N, hd]
@@ -89,6 +90,7 @@ def attend(batch: PagedBatch, kv: KVCacheManager, offsets: list[int], gqa: bool)
             return out[:, :, 0].transpose(0, 1)[None]
         qp = q[0][:, batch.pad_index].transpose(0, 1)                             # [B, H, Tmax, hd]
         out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, enable_gqa=gqa)
-        return out.transpose(0, 1)[:, batch.valid][None]                          # [1, H, N, hd]
+        out = out.transpose(0, 1).reshape(out.shape[1], -1, out.shape[3])          # [H, B * Tmax, hd]
+        return out.index_select(1, batch.unpad)[None]                              # [1, H, N, hd]
 
     return run

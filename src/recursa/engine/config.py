@@ -3,8 +3,8 @@
 `policy` picks which stage runs next (engine/policy.py): "depthwise" (continuous depth-wise
 batching: stages run in a sweep, new tokens enter every step), "fullest" (run the stage with the
 most waiting tokens) or "synchronous" (a batch steps through all depths together; new tokens
-wait until it has exited). `compile` runs each layer through torch.compile (inductor; on CPU it
-fuses the norms, rotary and activation ops between the matmuls): it costs minutes of compile
+wait until it has exited). `compile` runs each span through torch.compile (inductor; on CPU it
+fuses the norms, rotary and activation ops between the matmuls, one graph per span): it costs minutes of compile
 time at the first steps, so it is off unless asked for (benchmarks/RESULTS.md has the figures).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ class EngineConfig:
     block_size: int = 16                  # tokens per KV block
     kv_cache_memory: int | None = None    # bytes for all KV blocks; default min(needed, 512 MiB)
     policy: str = "depthwise"
-    compile: bool = False                 # torch.compile each layer's forward (dynamic token counts); minutes to compile
+    compile: bool = False                 # torch.compile each span's forward (dynamic token counts); minutes to compile
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

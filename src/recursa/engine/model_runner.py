@@ -21,16 +21,20 @@ from recursa.model.decoder import Decoder
 from recursa.model.exits import exit_logits
 
 
-def _layer(block, x, cos, sin, attend, lora, skip_kv):
-    """One depth's forward (what `Decoder.forward_stage` runs), as a function torch.compile can share
-    across the layers: the weights come in with the block, so one graph serves every depth."""
-    return block(x, cos, sin, lora=lora, attend=attend, skip_kv=skip_kv)[0]
+def run_depths(model: Decoder, kv: KVCacheManager, batch: PagedBatch, x: torch.Tensor,
+               offsets: list[list[int]], first: int, gqa: bool) -> torch.Tensor:
+    """The span's forward: depth first + j reads/writes the cache layers offsets[j] (one slot offset
+    per request). One function for eager and compiled runs (torch.compile traces the whole span:
+    every layer's norms, rotary and activations fused, one graph per span and batch shape kind)."""
+    for j, offs in enumerate(offsets):
+        x, _ = model.forward_stage(first + j, x, batch.cos, batch.sin, attend=attend(batch, kv, offs, gqa))
+    return x
 
 
 class ModelRunner:
     def __init__(self, model: Decoder, kv: KVCacheManager, compile: bool = False):
         self.model, self.kv = model, kv
-        self.layer = torch.compile(_layer, dynamic=True) if compile else None
+        self.forward = torch.compile(run_depths, dynamic=True) if compile else run_depths
         self.span_len: dict[int, int] = {}   # boundary depth -> depths in the span starting there (set by the engine)
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -56,14 +60,8 @@ class ModelRunner:
         starts = [s.depth for s in seqs]
         n = self.span_len[starts[0]]
         same = min(starts) == max(starts)
-        for j in range(n):
-            offsets = [self.offset[starts[0] + j]] if same else [self.offset[d + j] for d in starts]
-            d, att = starts[0] + j, attend(batch, self.kv, offsets, self.gqa)
-            if self.layer is None:
-                x, _ = self.model.forward_stage(d, x, batch.cos, batch.sin, attend=att)
-            else:
-                m = self.model
-                x = self.layer(m.stage(d), x, batch.cos, batch.sin, att, m.adapters(d), m.kv_source(d) != d)
+        offsets = [[self.offset[starts[0] + j]] if same else [self.offset[d + j] for d in starts] for j in range(n)]
+        x = self.forward(self.model, self.kv, batch, x, offsets, starts[0], self.gqa)
         for s, h in zip(seqs, x[0].split(batch.sizes) if len(seqs) > 1 else (x[0],)):
             s.hidden = h
             s.depth += n

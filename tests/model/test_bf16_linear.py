@@ -1,0 +1,78 @@
+"""recursa's bf16 GEMV kernel (recursa.kernels) and the BF16Linear projections that use it.
+
+Reference: F.linear in fp32 on the same bf16 inputs; the kernel accumulates in fp32 and rounds
+once, so it must agree to within one bf16 rounding of the output (plus fp32 summation order).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recursa import kernels
+from recursa.model import Decoder
+from recursa.model.bf16_linear import BF16Linear, use_bf16_kernel_
+from recursa.model.quant import fuse_, prepare
+from recursa.presets import preset
+
+_kernel = kernels.linear_bf16
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"bf16 kernel: {kernels.unavailable_reason()}")
+
+
+def _reference(x, w):
+    return F.linear(x.float(), w.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n, k", [(64, 64), (7, 96), (130, 576)])
+def test_kernel_matches_fp32_reference_to_bf16_rounding(rows, n, k):
+    g = torch.Generator().manual_seed(n * k + rows)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    got, ref = kernels.linear_bf16(x, w).float(), _reference(x, w)
+    assert got.shape == (rows, n) and kernels.linear_bf16(x, w).dtype == torch.bfloat16
+    # one bf16 rounding of the result: relative 2^-8, plus a little for the fp32 sum order
+    assert ((got - ref).abs() <= ref.abs() * 2**-8 + 1e-3 * k**0.5).all()
+    # every row is its own product: no row reads another's input
+    for r in range(rows):
+        assert torch.equal(kernels.linear_bf16(x[r:r + 1], w)[0], kernels.linear_bf16(x, w)[r])
+
+
+@needs_kernel
+def test_bf16_linear_routes_small_inputs_to_the_kernel_and_large_ones_to_f_linear():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(96, 64).bfloat16(), requires_grad=False)
+    layer = BF16Linear.of(w)
+    small, large = torch.randn(1, 2, 64).bfloat16(), torch.randn(1, kernels.MAX_ROWS + 1, 64).bfloat16()
+    assert torch.equal(layer(small), kernels.linear_bf16(small, w))
+    assert torch.equal(layer(large), F.linear(large, w))
+
+
+@needs_kernel
+def test_compiled_bf16_linear_calls_the_same_kernel():
+    torch.manual_seed(0)
+    layer = BF16Linear.of(torch.nn.Parameter(torch.randn(32, 64).bfloat16(), requires_grad=False))
+    x = torch.randn(1, 1, 64).bfloat16()
+    assert torch.equal(torch.compile(layer, dynamic=True)(x), layer(x))
+
+
+@needs_kernel
+def test_prepared_bf16_model_uses_the_kernel_and_keeps_its_logits(monkeypatch):
+    torch.manual_seed(0)
+    plain = Decoder(preset("tiny")).eval()
+    fast = Decoder(preset("tiny")).eval()
+    fast.load_state_dict(plain.state_dict())
+    fuse_(plain)                      # what prepare does, minus the kernel
+    inv_freq = plain.inv_freq
+    plain.to(torch.bfloat16)
+    plain.inv_freq = inv_freq
+    prepare(fast, "bfloat16")
+    assert isinstance(fast.lm_head, BF16Linear) and fast.lm_head.weight is fast.embed_tokens.weight
+    assert sum(isinstance(m, BF16Linear) for m in fast.modules()) == 4 * len(fast.layers) + 1
+    assert use_bf16_kernel_(fast) == 0   # already routed: nothing left to swap
+    ids = torch.tensor([[5, 17, 99]])    # 3 tokens: every matmul at decode size, through the kernel
+    calls = []
+    monkeypatch.setattr(kernels, "linear_bf16", lambda x, w: calls.append(w) or _kernel(x, w))
+    with torch.no_grad():
+        a, b = plain(ids).float(), fast(ids).float()
+    assert len(calls) == 4 * len(fast.layers) + 1   # every projection and the head ran the kernel
+    assert torch.allclose(a, b, atol=0.05, rtol=0.02)
