@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from recursa import kernels
 from recursa.engine.kv_cache import KVCacheManager
 from recursa.engine.sequence import Sequence
 
@@ -34,8 +35,11 @@ class PagedBatch:
         packed = torch.cat([s.positions for s in seqs]) if len(seqs) > 1 else seqs[0].positions   # [N] host
         kv_len = int(packed.max()) + 1
         slots = kv.slots([s.block_table for s in seqs], kv_len)                  # [B, Smax] host
+        # decode over a dense cache on the CPU: recursa's kernel reads the cache where it lies
+        self.in_place = self.decode and kv.filled is None and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype)
         if self.decode:
             self.valid = self.pad_index = self.unpad = None
+            self.lens = (packed + 1).to(device) if self.in_place else None            # keys per request
             qpos = packed[:, None]                                                # [B, 1]
             keys = torch.arange(kv_len)
             mask = keys[None, :] <= qpos                                          # [B, Smax]
@@ -53,7 +57,7 @@ class PagedBatch:
             self.valid, self.pad_index = valid.to(device), pad_index.to(device)
             self.unpad = valid.view(-1).nonzero()[:, 0].to(device)                 # flat (b, t) of each token
         # [B, 1, Tmax, Smax]; a lone decode token sees every cached key: no mask at all
-        self.mask = None if self.decode and len(seqs) == 1 else mask.view(len(seqs), 1, -1, kv_len).to(device)
+        self.mask = None if self.in_place or self.decode and len(seqs) == 1 else mask.view(len(seqs), 1, -1, kv_len).to(device)
         self.cos, self.sin = model.rope(packed.to(device), dtype)                 # [1, N, hd]
         self.slots, self.new_slots = slots.to(device), self.new_slots.to(device)
         self.device = device
@@ -70,10 +74,16 @@ class PagedBatch:
 def attend(batch: PagedBatch, kv: KVCacheManager, offsets: list[int], gqa: bool):
     """The `attend(q, k, v)` of one depth: q [1,H,N,hd], k/v [1,Hkv,N,hd] (None: read only) -> [1,H,N,hd]."""
     slots, new_slots = batch.shifted(offsets)
+    same = min(offsets) == max(offsets)
 
     def run(q, k, v):
         if k is not None:
             kv.write(new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        if batch.in_place:
+            kernel = kernels.paged_decode_attention_op if torch.compiler.is_compiling() else kernels.paged_decode_attention
+            out = kernel(q[0].transpose(0, 1), kv.k, kv.v, batch.slots if same else slots, offsets[0] if same else 0,
+                         batch.lens)                                              # [B, H, hd]
+            return out.transpose(0, 1)[None]
         keys, values, present = kv.read(slots)
         mask = batch.mask
         if present is not None:   # recursion-wise caching: tokens that skipped this step left no entry

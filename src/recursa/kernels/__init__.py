@@ -5,12 +5,17 @@ dot products (`vdpbf16ps`, fp32 accumulation), reading each weight row once. PyT
 F.linear (oneDNN) runs batch-1 GEMV on this kind of CPU at about half the memory bandwidth, below
 even fp32 (benchmarks/RESULTS.md), and at batch 1 the weight read is the whole cost of a layer.
 
-The source (linear_bf16.c) compiles once per source hash into ~/.cache/recursa/kernels (override:
+`paged_decode_attention(q, k_cache, v_cache, slots, offset, lens)`: attention of one query per
+request over its paged cache, reading keys/values where they lie (fp32 or bf16): no gathered copy
+of the context, no padding mask, one call per depth instead of a gather, a mask and SDPA.
+
+Each source (kernels/*.c) compiles once per source hash into ~/.cache/recursa/kernels (override:
 RECURSA_KERNEL_CACHE) with `cc -O3 -mavx512f -mavx512bf16 -fopenmp`, written to a temporary file
 and renamed; the shared library joins the OpenMP runtime torch already loaded (one thread pool).
 `available()` is False, with the reason in `unavailable_reason()`, where the CPU lacks AVX512-BF16,
-no compiler is found, or the build fails: callers then keep F.linear. RECURSA_KERNELS=0 turns
-the kernels off. Inside torch.compile the kernel is the opaque custom op `recursa::linear_bf16`.
+no compiler is found, or a build fails: callers then keep the PyTorch path (F.linear, SDPA).
+RECURSA_KERNELS=0 turns the kernels off. Inside torch.compile the kernels are the opaque custom
+ops `recursa::linear_bf16` and `recursa::paged_decode_attention`.
 """
 from __future__ import annotations
 
@@ -24,8 +29,14 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("linear_bf16.c")
-MAX_ROWS = 4   # rows (tokens) up to which the kernel beats oneDNN; more rows go to F.linear
+_HERE = Path(__file__).parent
+MAX_ROWS = 4   # rows (tokens) up to which the GEMV beats oneDNN; more rows go to F.linear
+_P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {   # C source -> (function, argument types, return type)
+    "linear_bf16": ("recursa_linear_bf16", [_P] * 3 + [_I64] * 3 + [_I], None),
+    "paged_attention": ("recursa_paged_decode_attention",
+                        [_P] * 4 + [_I64] * 2 + [_P] * 2 + [_I64] * 4 + [ctypes.c_float, _I, _I], _I),
+}
 _state: dict = {}
 
 
@@ -36,10 +47,12 @@ def _cpu_has_avx512_bf16() -> bool:
         return False
 
 
-def _build() -> ctypes.CDLL:
-    source = _SOURCE.read_bytes()
+def _build(name: str):
+    """The C function of kernels/<name>.c, compiled (once per source hash) and loaded."""
+    source_path = _HERE / f"{name}.c"
+    source = source_path.read_bytes()
     cache = Path(os.environ.get("RECURSA_KERNEL_CACHE", Path.home() / ".cache" / "recursa" / "kernels"))
-    target = cache / hashlib.sha256(source).hexdigest()[:16] / "linear_bf16.so"
+    target = cache / hashlib.sha256(source).hexdigest()[:16] / f"{name}.so"
     if not target.is_file():
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
@@ -49,36 +62,38 @@ def _build() -> ctypes.CDLL:
         os.close(fd)
         try:
             subprocess.run([compiler, "-O3", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl", "-fopenmp",
-                            "-shared", "-fPIC", str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+                            "-shared", "-fPIC", str(source_path), "-o", tmp, "-lm"],
+                           check=True, capture_output=True, text=True)
             os.replace(tmp, target)
         except subprocess.CalledProcessError as e:
-            raise OSError(f"building {_SOURCE.name} failed: {e.stderr.strip()[:300]}") from None
+            raise OSError(f"building {source_path.name} failed: {e.stderr.strip()[:300]}") from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
-    lib.recursa_linear_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.recursa_linear_bf16.restype = None
-    return lib
+    function, argtypes, restype = _SIGNATURES[name]
+    fn = getattr(ctypes.CDLL(str(target)), function)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
 
 
 def _load():
-    if "lib" not in _state:
-        _state["lib"], _state["reason"] = None, None
+    if "reason" not in _state:
+        _state["reason"] = None
         if os.environ.get("RECURSA_KERNELS", "1") == "0":
             _state["reason"] = "turned off by RECURSA_KERNELS=0"
         elif not _cpu_has_avx512_bf16():
             _state["reason"] = "the CPU has no AVX512-BF16"
         else:
             try:
-                _state["lib"] = _build()
+                for name in _SIGNATURES:
+                    _state[name] = _build(name)
             except OSError as e:
                 _state["reason"] = str(e)
-    return _state["lib"]
+    return _state["reason"] is None
 
 
 def available() -> bool:
-    return _load() is not None
+    return _load()
 
 
 def unavailable_reason() -> str | None:
@@ -97,7 +112,7 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     direct call (~10 us less than through the dispatcher); compiled graphs call `linear_bf16_op`."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(x2.shape[0], w.shape[0], dtype=torch.bfloat16)
-    _state["lib"].recursa_linear_bf16(x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1],
+    _state["linear_bf16"](x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1],
                                       w.shape[0], torch.get_num_threads())
     return y.view(*x.shape[:-1], w.shape[0])
 
@@ -108,3 +123,39 @@ linear_bf16_op = torch.library.custom_op("recursa::linear_bf16", mutates_args=()
 @linear_bf16_op.register_fake
 def _(x, w):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def supports_attention(n_heads: int, k_cache: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether paged_decode_attention takes queries of `dtype` with n_heads heads over k_cache: CPU,
+    fp32 or bf16 (the cache's), head size a multiple of 16 (<= 256), <= 16 query heads per kv head."""
+    n_kv, hd = k_cache.shape[1], k_cache.shape[2]
+    return (k_cache.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16) and dtype == k_cache.dtype
+            and hd % 16 == 0 and hd <= 256 and n_heads % n_kv == 0 and n_heads // n_kv <= 16 and available())
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                           offset: int, lens: torch.Tensor) -> torch.Tensor:
+    """softmax(q K^T / sqrt(hd)) V for one query per request over its cached positions, read in place.
+
+    q [B, H, hd]; k_cache, v_cache [slots, Hkv, hd] (q's dtype); slots [B, Smax] int64: the slot of
+    each position at cache layer 0, `offset` added for the depth's layer; lens [B] int64: request b
+    sees positions 0 .. lens[b] - 1. Returns [B, H, hd]. The caller checked `supports_attention`."""
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    B, H, hd = q.shape
+    status = _state["paged_attention"](q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+                                       slots.shape[1], offset, lens.data_ptr(), out.data_ptr(), B, H,
+                                       k_cache.shape[1], hd, hd ** -0.5, int(q.dtype == torch.bfloat16),
+                                       torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"paged_decode_attention failed (status {status})")
+    return out
+
+
+paged_decode_attention_op = torch.library.custom_op("recursa::paged_decode_attention",
+                                                    mutates_args=())(paged_decode_attention)
+
+
+@paged_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, slots, offset, lens):
+    return torch.empty_like(q)

@@ -1,0 +1,59 @@
+"""recursa's in-place paged decode attention (recursa.kernels) against gather + masked SDPA.
+
+The reference gathers each request's keys/values from the slots, masks positions past its
+length, and runs F.scaled_dot_product_attention in fp32; the kernel must agree to fp32 rounding
+(fp32 cache) or bf16 rounding of the output (bf16 cache), for every request length, GQA group
+and slot offset, and the engine must take this path for decode over a dense cache.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import recursa
+from recursa import SamplingParams, kernels
+from recursa.engine.attention import PagedBatch
+from recursa.model import Decoder
+from recursa.presets import preset
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
+
+
+def _reference(q, kc, vc, slots, offset, lens):
+    keys, values = kc[slots + offset].permute(0, 2, 1, 3).float(), vc[slots + offset].permute(0, 2, 1, 3).float()
+    mask = (torch.arange(slots.shape[1])[None, :] < lens[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(q.float()[:, :, None], keys, values, attn_mask=mask,
+                                          enable_gqa=True)[:, :, 0]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 32), (9, 3, 64), (4, 4, 16)])
+def test_kernel_matches_gathered_sdpa(dtype, tol, heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(heads * head_dim)
+    kc = torch.randn(512, kv_heads, head_dim, generator=g).to(dtype)
+    vc = torch.randn(512, kv_heads, head_dim, generator=g).to(dtype)
+    lens = torch.tensor([1, 17, 40, 3, 64])
+    slots = torch.randperm(448, generator=g)[:5 * 64].view(5, 64).contiguous()   # scattered, as a block table gives
+    q = torch.randn(5, heads, head_dim, generator=g).to(dtype)
+    for offset in (0, 64):
+        out = kernels.paged_decode_attention(q, kc, vc, slots, offset, lens)
+        ref = _reference(q, kc, vc, slots, offset, lens)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert (out.float() - ref).abs().max() <= tol * ref.abs().max()
+    # positions past a request's length are never read: poisoning them changes nothing
+    kc2, vc2 = kc.clone(), vc.clone()
+    past = slots[0, 1:]
+    kc2[past], vc2[past] = float("nan"), float("nan")
+    assert torch.equal(kernels.paged_decode_attention(q, kc2, vc2, slots, 0, lens)[0],
+                       kernels.paged_decode_attention(q, kc, vc, slots, 0, lens)[0])
+
+
+def test_engine_decodes_through_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    model = Decoder(preset("tiny")).eval()
+    calls = []
+    kernel = kernels.paged_decode_attention
+    monkeypatch.setattr(kernels, "paged_decode_attention", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    llm = recursa.LLM(model, kv_cache_memory=2**21)
+    outs = llm.generate([[5, 17, 99], [1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert all(len(o.token_ids) == 4 for o in outs)
+    assert calls and max(calls) == 2 and len(calls) % len(model.layers) == 0   # both requests, every layer
