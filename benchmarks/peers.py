@@ -6,6 +6,8 @@ prompts of 8-48 tokens, seeded), greedy, exactly --new-tokens tokens each, two l
 at a time (batch 1, the first --batch1-prompts prompts in turn) and all --prompts prompts at once
 (32 concurrent). Precisions: fp32 and bf16 for recursa, HF and vLLM; int8 and int4 for recursa
 (when its LLM takes `dtype=`/`quantization=`; otherwise those rows say so); Q4_1 for llama.cpp.
+`recursa-tc` rows are recursa with `compile=True` (torch.compile of each span, like vLLM's CPU
+build compiles its model; its warm-up compiles for a few minutes).
 
 Each engine and precision runs in its own process (benchmarks/peers_worker.py, the engine's own
 virtualenv, all set to --threads threads), loaded once; the repeats are interleaved (every worker
@@ -44,7 +46,8 @@ sys.path.insert(0, str(HERE))
 import peers_env  # noqa: E402
 import roofline_dtypes  # noqa: E402
 
-CELLS = [("recursa", "fp32"), ("recursa", "bf16"), ("recursa", "int8"), ("recursa", "int4"), ("hf", "fp32"),
+CELLS = [("recursa", "fp32"), ("recursa", "bf16"), ("recursa", "int8"), ("recursa", "int4"),
+         ("recursa-tc", "fp32"), ("recursa-tc", "bf16"), ("recursa-tc", "int4"), ("hf", "fp32"),
          ("hf", "bf16"), ("vllm", "fp32"), ("vllm", "bf16"), ("llama.cpp", "q4_1")]
 LOADS = ("batch 1", "concurrent")
 MARK = "@@peers "  # the prefix of peers_worker.py's replies on its stdout
@@ -148,7 +151,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--engines", default="recursa,hf,vllm,llama.cpp", help="comma-separated subset")
+    ap.add_argument("--engines", default="recursa,recursa-tc,hf,vllm,llama.cpp",
+                    help="comma-separated subset (recursa-tc: recursa with compile=True)")
     ap.add_argument("--quick", action="store_true", help="1 round, 2 batch-1 prompts, quick ceilings (~3-5 min)")
     ap.add_argument("--no-roofline", action="store_true", help="skip the kernel ceilings (a few minutes) and the roofline")
     ap.add_argument("--no-install", action="store_true", help="skip peers whose virtualenv is not installed yet")
@@ -170,7 +174,7 @@ def main() -> None:
     one = prompts[:args.batch1_prompts]
 
     engines = set(args.engines.split(","))
-    python = {"recursa": Path(sys.executable), "hf": Path(sys.executable)}
+    python = {"recursa": Path(sys.executable), "recursa-tc": Path(sys.executable), "hf": Path(sys.executable)}
     notes = {}
     for peer, name in (("vllm", "vllm"), ("llama", "llama.cpp")):
         if name not in engines:
@@ -182,7 +186,7 @@ def main() -> None:
             python[name] = peers_env.ensure(peer, log=lambda s: print(s, file=sys.stderr))
         except RuntimeError as e:
             notes[name] = f"install failed: {e}"
-    models = {"recursa": model_dir, "hf": hf_dir, "vllm": hf_dir, "llama.cpp": gguf}
+    models = {"recursa": model_dir, "recursa-tc": model_dir, "hf": hf_dir, "vllm": hf_dir, "llama.cpp": gguf}
     logs = Path(args.logs or tempfile.mkdtemp(prefix="peers-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
     workers, errors = [], {}

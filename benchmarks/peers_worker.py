@@ -27,7 +27,7 @@ def reply(obj: dict) -> None:
 
 
 # ---- engines: load(args) -> generate(prompts, concurrent, n) -> list of token-id lists ------------
-def recursa_engine(args):
+def recursa_engine(args, compile: bool = False):
     import torch
 
     import recursa
@@ -38,7 +38,8 @@ def recursa_engine(args):
               "int8": {"dtype": "bfloat16", "quantization": "int8"},
               "int4": {"dtype": "bfloat16", "quantization": "int4"}}[args.precision]
     try:
-        llm = recursa.LLM(args.model, max_num_seqs=args.concurrency, max_num_batched_tokens=1024, **kwargs)
+        llm = recursa.LLM(args.model, max_num_seqs=args.concurrency, max_num_batched_tokens=1024, compile=compile,
+                          **kwargs)
     except TypeError as e:  # an engine without LLM(dtype=..., quantization=...)
         raise SystemExit(f"unsupported: this recursa has no LLM({', '.join(kwargs)}=...) ({e})")
 
@@ -126,7 +127,7 @@ def llama_engine(args):
     return generate, {"llama_cpp": llama_cpp.__version__}
 
 
-ENGINES = {"recursa": recursa_engine, "hf": hf_engine, "vllm": vllm_engine, "llama.cpp": llama_engine}
+ENGINES = {"recursa": recursa_engine, "recursa-tc": lambda args: recursa_engine(args, compile=True), "hf": hf_engine, "vllm": vllm_engine, "llama.cpp": llama_engine}
 
 
 def main() -> None:
@@ -146,6 +147,8 @@ def main() -> None:
             generate(warm[:1], False, 4)
             if args.engine != "llama.cpp":
                 generate(warm, True, 4)
+            if args.engine == "recursa-tc":   # a batch past BF16Linear's kernel size: its graph too
+                generate(warm * 3, True, 4)
     except SystemExit as e:
         reply({"error": str(e)})
         return

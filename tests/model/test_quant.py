@@ -132,8 +132,8 @@ def test_fused_equals_unfused_fp32(build):
     ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
     with torch.inference_mode():
         ref = model(ids)
-        assert prepare(copy.deepcopy(model), "float32").layers[0].attn.qkv_proj is None   # fp32: unfused by default
-        fused = prepare(copy.deepcopy(model), "float32", fuse=True)
+        assert prepare(copy.deepcopy(model), "float32", fuse=False).layers[0].attn.qkv_proj is None
+        fused = prepare(copy.deepcopy(model), "float32")   # fused by default, fp32 included
         assert fused.layers[0].attn.qkv_proj is not None and not hasattr(fused.layers[0].attn, "q_proj")
         torch.testing.assert_close(fused(ids), ref, atol=1e-5, rtol=1e-5)
     assert "layers.0.attn.q_proj.weight" in model.state_dict()   # the unfused model is untouched

@@ -34,6 +34,8 @@ def run_depths(model: Decoder, kv: KVCacheManager, batch: PagedBatch, x: torch.T
 class ModelRunner:
     def __init__(self, model: Decoder, kv: KVCacheManager, compile: bool = False):
         self.model, self.kv = model, kv
+        if compile:   # one graph per span start and batch kind: a deep recursive model has many
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.forward = torch.compile(run_depths, dynamic=True) if compile else run_depths
         self.span_len: dict[int, int] = {}   # boundary depth -> depths in the span starting there (set by the engine)
         weight = model.embed_tokens.weight

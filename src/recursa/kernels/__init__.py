@@ -110,6 +110,7 @@ def supports(w: torch.Tensor) -> bool:
 def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] bf16 @ w[N, K].T -> [..., N] bf16 (the caller checked `supports(w)`). Eager: a
     direct call (~10 us less than through the dispatcher); compiled graphs call `linear_bf16_op`."""
+    _load()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(x2.shape[0], w.shape[0], dtype=torch.bfloat16)
     _state["linear_bf16"](x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1],
@@ -140,6 +141,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q [B, H, hd]; k_cache, v_cache [slots, Hkv, hd] (q's dtype); slots [B, Smax] int64: the slot of
     each position at cache layer 0, `offset` added for the depth's layer; lens [B] int64: request b
     sees positions 0 .. lens[b] - 1. Returns [B, H, hd]. The caller checked `supports_attention`."""
+    _load()
     q = q.contiguous()
     out = torch.empty_like(q)
     B, H, hd = q.shape

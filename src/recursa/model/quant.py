@@ -16,8 +16,9 @@ At batch 1 a decoder step reads every weight once, so the bytes per weight set t
   projections), and at its shape (49k x 576) the int8 kernel is slower than bf16 at batch 1 and
   6x slower at batch 32, int4 3x slower at batch 32 (benchmarks/RESULTS.md). `head="int8"` or
   `"int4"` quantizes it anyway (the embedding lookup keeps the compute dtype either way).
-- q/k/v and gate/up are fused first (Block.fuse), so each becomes one (quantized) matmul — in
-  bf16 and quantized models; plain fp32 stays unfused by default (fused fp32 matmuls measured
+- q/k/v and gate/up are fused first (Block.fuse), so each becomes one (quantized) matmul, fp32
+  included (re-measured 2026-12-02, 1 thread, all 30 layers' matrices: fused 3-5% faster at
+  batch 1 and at 32 tokens; an earlier run had found fused fp32 matmuls
   slower at batch 1 in two of three runs, benchmarks/RESULTS.md).
 
 Both modules keep nn.Linear's contract (x [..., in] -> [..., out]), so LoRA adapters of
@@ -252,12 +253,12 @@ def prepare(model, dtype=None, quantization: str | None = None, group_size: int 
     dtype None keeps the model's own, or bf16 with a quantization (what the CPU kernels want);
     quantization None | "int8" | "int4" (see the module docstring). int4_weights: int4 blocks to
     use as they are (see quantize_), or a model directory whose int4.safetensors holds them (if any).
-    fuse: None = fuse unless the model stays plain fp32.
+    fuse: None = fuse (False keeps the separate projections).
     """
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise RecursaError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
     dtype = resolve_dtype(dtype) or (KERNEL_DTYPE if quantization else model.embed_tokens.weight.dtype)
-    if fuse or fuse is None and (quantization is not None or dtype != torch.float32):
+    if fuse is None or fuse:
         fuse_(model)
     if isinstance(int4_weights, (str, os.PathLike)):
         int4_weights = load_int4_weights(int4_weights) if quantization == "int4" else None
