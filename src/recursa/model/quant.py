@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recursa.errors import RecursaError
-from recursa.model.bf16_linear import use_bf16_kernel_
+from recursa.model.cpu_linear import use_cpu_kernels_
 from recursa.model.int4_weights import load_int4_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -270,8 +270,7 @@ def prepare(model, dtype=None, quantization: str | None = None, group_size: int 
     for module in model.modules():  # scales stay in the kernels' dtype (.to() is a no-op in forward then)
         if isinstance(module, (Int8Linear, Int4Linear)):
             module.to(KERNEL_DTYPE)
-    if dtype == torch.bfloat16:   # bf16 projections and LM head: recursa's GEMV kernel at decode sizes
-        use_bf16_kernel_(model)
+    use_cpu_kernels_(model)   # fp32/bf16 projections and LM head: the fastest CPU matmul per token count
     return model.eval().requires_grad_(False)
 
 

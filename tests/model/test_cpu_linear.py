@@ -1,4 +1,4 @@
-"""recursa's bf16 GEMV kernel (recursa.kernels) and the BF16Linear projections that use it.
+"""recursa's bf16 GEMV kernel (recursa.kernels) and the CPULinear projections that pick a CPU matmul.
 
 Reference: F.linear in fp32 on the same bf16 inputs; the kernel accumulates in fp32 and rounds
 once, so it must agree to within one bf16 rounding of the output (plus fp32 summation order).
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from recursa import kernels
 from recursa.model import Decoder
-from recursa.model.bf16_linear import BF16Linear, use_bf16_kernel_
+from recursa.model.cpu_linear import CPULinear, use_cpu_kernels_
 from recursa.model.quant import fuse_, prepare
 from recursa.presets import preset
 
@@ -41,7 +41,7 @@ def test_kernel_matches_fp32_reference_to_bf16_rounding(rows, n, k):
 def test_bf16_linear_routes_small_inputs_to_the_kernel_and_large_ones_to_f_linear():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(96, 64).bfloat16(), requires_grad=False)
-    layer = BF16Linear.of(w)
+    layer = CPULinear.of(w)
     small, large = torch.randn(1, 2, 64).bfloat16(), torch.randn(1, kernels.MAX_ROWS + 1, 64).bfloat16()
     assert torch.equal(layer(small), kernels.linear_bf16(small, w))
     assert torch.equal(layer(large), F.linear(large, w))
@@ -50,7 +50,7 @@ def test_bf16_linear_routes_small_inputs_to_the_kernel_and_large_ones_to_f_linea
 @needs_kernel
 def test_compiled_bf16_linear_calls_the_same_kernel():
     torch.manual_seed(0)
-    layer = BF16Linear.of(torch.nn.Parameter(torch.randn(32, 64).bfloat16(), requires_grad=False))
+    layer = CPULinear.of(torch.nn.Parameter(torch.randn(32, 64).bfloat16(), requires_grad=False))
     x = torch.randn(1, 1, 64).bfloat16()
     assert torch.equal(torch.compile(layer, dynamic=True)(x), layer(x))
 
@@ -66,9 +66,9 @@ def test_prepared_bf16_model_uses_the_kernel_and_keeps_its_logits(monkeypatch):
     plain.to(torch.bfloat16)
     plain.inv_freq = inv_freq
     prepare(fast, "bfloat16")
-    assert isinstance(fast.lm_head, BF16Linear) and fast.lm_head.weight is fast.embed_tokens.weight
-    assert sum(isinstance(m, BF16Linear) for m in fast.modules()) == 4 * len(fast.layers) + 1
-    assert use_bf16_kernel_(fast) == 0   # already routed: nothing left to swap
+    assert isinstance(fast.lm_head, CPULinear) and fast.lm_head.weight is fast.embed_tokens.weight
+    assert sum(isinstance(m, CPULinear) for m in fast.modules()) == 4 * len(fast.layers) + 1
+    assert use_cpu_kernels_(fast) == 0   # already routed: nothing left to swap
     ids = torch.tensor([[5, 17, 99]])    # 3 tokens: every matmul at decode size, through the kernel
     calls = []
     monkeypatch.setattr(kernels, "linear_bf16", lambda x, w: calls.append(w) or _kernel(x, w))
@@ -76,3 +76,14 @@ def test_prepared_bf16_model_uses_the_kernel_and_keeps_its_logits(monkeypatch):
         a, b = plain(ids).float(), fast(ids).float()
     assert len(calls) == 4 * len(fast.layers) + 1   # every projection and the head ran the kernel
     assert torch.allclose(a, b, atol=0.05, rtol=0.02)
+
+
+def test_fp32_cpu_linear_matches_f_linear_at_every_size():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(96, 64), requires_grad=False)
+    layer = CPULinear.of(w)
+    if not torch._C.has_mkl:
+        pytest.skip("no MKL")
+    for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40):   # F.linear, then MKL's packed GEMM
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(layer(x), F.linear(x, w), atol=1e-5, rtol=1e-5)

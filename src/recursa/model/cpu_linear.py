@@ -1,0 +1,69 @@
+"""Projections that pick the fastest CPU matmul for the number of tokens they see.
+
+At decode sizes (at most `kernels.MAX_ROWS` tokens) a matmul reads its whole weight for a few
+rows: bf16 goes to `recursa.kernels.linear_bf16` (AVX512-BF16 GEMV, about twice oneDNN's speed at
+batch 1 on this project's CPU), fp32 stays on F.linear (already at memory bandwidth there). Past
+that, fp32 goes to MKL's prepacked GEMM (`torch.ops.mkl._mkl_linear`, 1.25-1.4x F.linear at 8-64
+tokens, 1 thread; it keeps a packed copy of the weight beside the plain one: twice the fp32 weight
+memory) and bf16 to F.linear (oneDNN). Inside torch.compile, large fp32 inputs take F.linear
+(inductor cannot trace the MKL op).
+
+`CPULinear` is an nn.Linear (same weight, same contract); `use_cpu_kernels_(model)` swaps every
+fp32/bf16 projection of the Blocks, and gives a tied model an LM head that shares the embedding's
+weight, in place; without the kernels (no AVX512-BF16, no compiler, RECURSA_KERNELS=0) bf16
+projections stay as they are, and without MKL fp32 ones do. Results match F.linear to rounding
+(another summation order), not bit for bit (tests/model/test_cpu_linear.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recursa import kernels
+
+PACK_ROWS = 32   # the batch size MKL's packing is tuned for
+
+
+class CPULinear(nn.Linear):
+    @classmethod
+    def of(cls, weight: nn.Parameter, bias: nn.Parameter | None = None) -> "CPULinear":
+        """A CPULinear holding (not copying) `weight` [out, in] and `bias`; fp32 also packs it for MKL."""
+        layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        layer.weight, layer.bias = weight, bias
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS) if weight.dtype == torch.float32 else None
+        layer.register_buffer("packed", packed, persistent=False)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        if x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
+            if x.dtype != torch.bfloat16:
+                return F.linear(x, self.weight, self.bias)
+            y = (kernels.linear_bf16_op if torch.compiler.is_compiling() else kernels.linear_bf16)(x, self.weight)
+            return y if self.bias is None else y + self.bias
+        if self.packed is None or torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, PACK_ROWS)
+
+
+def _fits(w: torch.Tensor) -> bool:
+    if w.device.type != "cpu" or w.dim() != 2:
+        return False
+    return kernels.supports(w) if w.dtype == torch.bfloat16 else w.dtype == torch.float32 and torch._C.has_mkl
+
+
+def use_cpu_kernels_(model) -> int:
+    """Route `model`'s projections (and a tied LM head) through CPULinear; returns how many."""
+    swapped = 0
+    for module in list(model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and _fits(child.weight):
+                setattr(module, name, CPULinear.of(child.weight, child.bias))
+                swapped += 1
+    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    if (model.lm_head is None or type(model.lm_head) is nn.Linear) and _fits(head):
+        model.lm_head = CPULinear.of(head, None if model.lm_head is None else model.lm_head.bias)
+        swapped += 1
+    return swapped
