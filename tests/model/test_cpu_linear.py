@@ -44,7 +44,7 @@ def test_bf16_linear_routes_small_inputs_to_the_kernel_and_large_ones_to_f_linea
     layer = CPULinear.of(w)
     small, large = torch.randn(1, 2, 64).bfloat16(), torch.randn(1, kernels.MAX_ROWS + 1, 64).bfloat16()
     assert torch.equal(layer(small), kernels.linear_bf16(small, w))
-    assert torch.equal(layer(large), F.linear(large, w))
+    assert torch.equal(layer(large), F.linear(large, w))   # oneDNN's prepacked GEMM: the same kernel
 
 
 @needs_kernel

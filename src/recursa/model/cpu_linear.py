@@ -3,10 +3,10 @@
 At decode sizes (at most `kernels.MAX_ROWS` tokens) a matmul reads its whole weight for a few
 rows: bf16 goes to `recursa.kernels.linear_bf16` (AVX512-BF16 GEMV, about twice oneDNN's speed at
 batch 1 on this project's CPU), fp32 stays on F.linear (already at memory bandwidth there). Past
-that, fp32 goes to MKL's prepacked GEMM (`torch.ops.mkl._mkl_linear`, 1.25-1.4x F.linear at 8-64
-tokens, 1 thread; it keeps a packed copy of the weight beside the plain one: twice the fp32 weight
-memory) and bf16 to F.linear (oneDNN). Inside torch.compile, large fp32 inputs take F.linear
-(inductor cannot trace the MKL op).
+that, both take a prepacked GEMM: fp32 MKL's (`torch.ops.mkl._mkl_linear`, 1.25-1.4x F.linear at
+8-64 tokens, 1 thread), bf16 oneDNN's (`torch.ops.mkldnn._linear_pointwise` on a reordered weight,
+1.15-1.35x, bit-identical to F.linear). The packed copy sits beside the plain weight: twice the
+weight memory. Inside torch.compile large inputs take F.linear (inductor cannot trace these ops).
 
 `CPULinear` is an nn.Linear (same weight, same contract); `use_cpu_kernels_(model)` swaps every
 fp32/bf16 projection of the Blocks, and gives a tied model an LM head that shares the embedding's
@@ -28,10 +28,16 @@ PACK_ROWS = 32   # the batch size MKL's packing is tuned for
 class CPULinear(nn.Linear):
     @classmethod
     def of(cls, weight: nn.Parameter, bias: nn.Parameter | None = None) -> "CPULinear":
-        """A CPULinear holding (not copying) `weight` [out, in] and `bias`; fp32 also packs it for MKL."""
+        """A CPULinear holding (not copying) `weight` [out, in] and `bias`, plus a packed copy for large inputs."""
         layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         layer.weight, layer.bias = weight, bias
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_ROWS) if weight.dtype == torch.float32 else None
+        w = weight.detach()
+        if w.dtype == torch.float32 and torch._C.has_mkl:
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS)
+        elif w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        else:
+            packed = None
         layer.register_buffer("packed", packed, persistent=False)
         return layer
 
@@ -45,13 +51,15 @@ class CPULinear(nn.Linear):
             return y if self.bias is None else y + self.bias
         if self.packed is None or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, PACK_ROWS)
+        if x.dtype == torch.float32:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, PACK_ROWS)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def _fits(w: torch.Tensor) -> bool:
     if w.device.type != "cpu" or w.dim() != 2:
         return False
-    return kernels.supports(w) if w.dtype == torch.bfloat16 else w.dtype == torch.float32 and torch._C.has_mkl
+    return kernels.supports(w) if w.dtype == torch.bfloat16 else w.dtype == torch.float32
 
 
 def use_cpu_kernels_(model) -> int:
