@@ -58,7 +58,8 @@ class PagedBatch:
             self.unpad = valid.view(-1).nonzero()[:, 0].to(device)                 # flat (b, t) of each token
         # [B, 1, Tmax, Smax]; a lone decode token sees every cached key: no mask at all
         self.mask = None if self.in_place or self.decode and len(seqs) == 1 else mask.view(len(seqs), 1, -1, kv_len).to(device)
-        self.cos, self.sin = model.rope(packed.to(device), dtype)                 # [1, N, hd]
+        cos, sin = model.rope(packed.to(device), dtype)                           # [1, N, hd]
+        self.cos, self.sin = cos[:, None], sin[:, None]                           # [1, 1, N, hd]: every layer's shape
         self.slots, self.new_slots = slots.to(device), self.new_slots.to(device)
         self.device = device
 

@@ -26,8 +26,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """weight * x / rms(x), the normalisation in fp32 (HF Llama's order of operations)."""
-        if x.dtype == torch.float32:   # the casts are no-ops, but each is still a dispatch on the decode path
+        """weight * x / rms(x), the normalisation in fp32 (HF Llama's order of operations).
+
+        One dispatch in fp32 (F.rms_norm's fused gain gives the same bits as weight * rms_norm(x));
+        bf16/fp16 inputs are normalised in fp32 inside F.rms_norm (the same bits as an explicit
+        x.float() ... .to(dtype)), then scaled in the input dtype, as HF does."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)
+        if x.dtype in (torch.bfloat16, torch.float16):
             return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
@@ -51,8 +57,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd]; cos/sin [B or 1, T, hd]."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x [B, H, T, hd]; cos/sin [B or 1, T, hd] or already [B or 1, 1, T, hd] (the engine's, shaped
+    once per span: two dispatches fewer per call)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     return x * cos + _rotate_half(x) * sin
 
 
@@ -111,6 +119,10 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lora=None):
         """Project and rotate: q [B,H,T,hd], k/v [B,Hkv,T,hd] for the new tokens."""
         B, T, _ = x.shape
+        if self.qkv_proj is not None and lora is None:   # q and k rotated together: one rope, not two
+            qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+            qk = apply_rope(qkv[:, :self.n_heads + self.n_kv_heads], cos, sin)
+            return qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv_heads:]
         q, k, v = self._projections(x, lora)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
