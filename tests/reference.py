@@ -24,3 +24,31 @@ def full_forward_generate(model, prompt_ids, max_new_tokens, *, temperature=0.0,
         if token in stop_ids:
             break
     return out
+
+
+@torch.inference_mode()
+def copied_state_hidden(model, ids, exit_depths):
+    """Hidden states after each depth (a list of L + 1 tensors [1, T, D]) of one uncached forward of
+    `ids` under state copying (CALM): position p stops changing after exit_depths[p] layers, so every
+    deeper layer sees that copied state and computes the position's keys/values from it."""
+    h = model.embed(torch.tensor([ids]))
+    cos, sin = model.rope(torch.arange(len(ids)))
+    runs = torch.tensor(exit_depths)[None, :, None]
+    out = [h]
+    for d in range(model.depth):
+        h = torch.where(runs > d, model.forward_stage(d, h, cos, sin)[0], h)
+        out.append(h)
+    return out
+
+
+def run_arrivals(llm, prompts, params, arrival=(0, 2, 7, 15)):
+    """The engine side of a comparison: add prompts[i] at engine step arrival[i] and step until all
+    finish (requests arrive while others decode); finished outputs in prompt order."""
+    done, step, added = {}, 0, 0
+    while added < len(prompts) or llm.has_unfinished():
+        while added < len(prompts) and arrival[added] <= step:
+            llm.add_request(str(added), prompts[added], params)
+            added += 1
+        done.update({o.request_id: o for o in llm.step() if o.finished})
+        step += 1
+    return [done[str(i)] for i in range(len(prompts))]
