@@ -151,8 +151,8 @@ class LLMEngine:
             outputs = []
             for s in group:
                 if s.request_id in self.seqs:
+                    self.scheduler.remove(s)      # first: unverified drafts leave its tokens
                     outputs.append(self.output_processor.fail(s))
-                    self.scheduler.remove(s)
                     del self.seqs[s.request_id]
             return outputs
 
@@ -181,6 +181,7 @@ class LLMEngine:
         outputs = []
         for s, row in done:
             if row is not None and sampled[id(s)] is None:   # NaN/inf logits: this request ends, the batch goes on
+                self.router.forget(s)                         # (unverified drafts are no output)
                 outputs.append(self.output_processor.fail(s))
             else:   # the router says what is output now (a speculative draft waits for its verification)
                 new = self.router.commit(s, sampled.get(id(s)))
