@@ -50,6 +50,8 @@ def test_speculative_equals_full_depth_greedy(model, setting, depths, thr, max_d
         assert len(out.exit_depths) == n and set(out.exit_depths) <= set(depths) | {model.depth}
     st = llm.stats()
     assert st["draft_tokens"] > st["accepted_draft_tokens"] > 0     # drafts were both accepted and rejected
+    assert st["acceptance_rate"] == st["accepted_draft_tokens"] / st["draft_tokens"]
+    assert st["head_evals_per_token"] == st["head_tokens"] / st["output_tokens"] > 1   # checks + verification rows
     assert st["output_tokens"] == n * len(PROMPTS)
     assert st["kv_free_blocks"] == st["kv_blocks"]
     assert (st["preemptions"] > 0) == (setting == "preempt")
