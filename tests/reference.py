@@ -52,3 +52,25 @@ def run_arrivals(llm, prompts, params, arrival=(0, 2, 7, 15)):
         done.update({o.request_id: o for o in llm.step() if o.finished})
         step += 1
     return [done[str(i)] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def replay_exit_rule(model, hidden, prompt_len, n, exits, measure, threshold=0.5):
+    """(tokens, exit depths, logits) of the exit rule replayed on one forward's hidden states (a list
+    of L + 1 tensors [1, T, D] over prompt + output[:-1]): the first new token comes from full depth,
+    each later one from the first exit whose measure clears `threshold`, else from full depth."""
+    from recursa.model.exits import exit_logits
+
+    tokens, depths, rows = [], [], []
+    for i in range(n):
+        p = prompt_len + i - 1
+        for d in (exits if i > 0 else ()):
+            logits = exit_logits(model, hidden[d][0, p], d)
+            if measure(logits, hidden[d][0, p], None, d) >= threshold:
+                break
+        else:
+            d, logits = model.depth, model.head(hidden[-1][0, p])
+        tokens.append(int(logits.argmax()))
+        depths.append(d)
+        rows.append(logits)
+    return tokens, depths, rows

@@ -15,9 +15,9 @@ from recursa import SamplingParams
 from recursa.engine.exit_policy import ExitPolicy
 from recursa.engine.thresholds import Fixed
 from recursa.model import Decoder
-from recursa.model.exits import ExitSpec, exit_logits
+from recursa.model.exits import ExitSpec
 from recursa.presets import preset
-from reference import copied_state_hidden, run_arrivals
+from reference import copied_state_hidden, replay_exit_rule, run_arrivals
 
 PROMPTS = [[5, 17, 99, 3, 250], list(range(1, 30)), [7] * 9, [300, 2, 3, 4] * 3]
 SPEC = ExitSpec((2, 4))
@@ -35,24 +35,11 @@ def _model(**kw) -> Decoder:
 
 
 def replay(model, prompt, out):
-    """(tokens, depths, logits) of the exit rule on the copied-state forward of prompt + out's tokens,
-    the engine's depths being the copy decisions (each position depends only on earlier ones)."""
+    """(tokens, depths) of the exit rule on the copied-state forward of prompt + out's tokens, the
+    engine's depths being the copy decisions (each position depends only on earlier ones)."""
     ids = prompt + out.token_ids[:-1]
     hidden = copied_state_hidden(model, ids, [model.depth] * (len(prompt) - 1) + out.exit_depths)
-    tokens, depths, rows = [], [], []
-    with torch.no_grad():
-        for i in range(len(out.token_ids)):
-            p = len(prompt) + i - 1
-            for d in (SPEC.depths if i > 0 else ()):
-                logits = exit_logits(model, hidden[d][0, p], d)
-                if measure(logits, hidden[d][0, p], None, d) >= 0.5:
-                    break
-            else:
-                d, logits = model.depth, model.head(hidden[-1][0, p])
-            tokens.append(int(logits.argmax()))
-            depths.append(d)
-            rows.append(logits)
-    return tokens, depths
+    return replay_exit_rule(model, hidden, len(prompt), len(out.token_ids), SPEC.depths, measure)[:2]
 
 
 def llm_for(model, strategy="copy", **kw):
