@@ -6,7 +6,8 @@ every KV strategy (`exit_strategy`: parallel, copy, speculative) x threshold pol
 batch 1 (one request after the other) and with `--concurrency` requests at once (the prompts
 repeated to fill it; continuous batching). Per config:
 
-- speed: wall-clock new tokens/s, and its ratio to full depth at the same concurrency, this run;
+- speed: wall-clock new tokens/s, and its ratio to full depth at the same concurrency timed right
+  before it (paired: the load of a shared machine drifts over a run; `full tok/s` is that run);
 - depth: mean depth the emitted tokens were predicted from, token-layer forwards per decoded
   token (the engine's stage_tokens after prefill, over the tokens after each request's first:
   catch-up, verification and rejected drafts included; full depth is exactly n_layers; parallel
@@ -143,6 +144,7 @@ def main() -> None:
             for name, make_threshold in make_policies(args, args.max_new):
                 threshold = make_threshold()  # one instance across the prompts (FREE learns online)
                 llm = make(ExitPolicy(spec, measure, threshold), strategy, conc)
+                _, paired_s = run(full, prompts, greedy, conc)   # full depth right before: the ratio's base
                 outs, secs = run(llm, prompts, greedy, conc)
                 st = llm.stats()
                 n = sum(len(o) for o in outs)
@@ -151,7 +153,7 @@ def main() -> None:
                 nll = sum(continuation_nll(model, pr, o)[0] for pr, o in zip(prompts, outs))
                 depths = st["mean_exit_depth"]
                 row = {"concurrency": conc, "strategy": strategy, "policy": name, "tok_s": n / secs,
-                       "speedup": (n / secs) / full_tps, "mean_depth": depths,
+                       "speedup": (n / secs) / (n_ref / paired_s), "full_tok_s": n_ref / paired_s, "mean_depth": depths,
                        "layers_per_tok": (st["stage_tokens"] - n_prompt * L) / decoded,
                        "kv_per_tok": st.get("copied_kv_layer_tokens", 0) / decoded,
                        "head_per_tok": st["head_evals_per_token"], "agree": same / total, "ppl": math.exp(nll / n),
@@ -165,7 +167,7 @@ def main() -> None:
 
     print(f"\nmodel {args.model}: {L} layers, exits {list(spec.depths)} (own_norm={spec.own_norm}), "
           f"{len(base)} prompts x {args.max_new} new tokens, greedy, measure {args.measure}, threads {args.threads}")
-    hdr = (f"{'conc':>4}  {'strategy':<12}{'policy':<20}{'tok/s':>7}{'x full':>8}{'depth':>7}{'lay/tok':>8}"
+    hdr = (f"{'conc':>4}  {'strategy':<12}{'policy':<20}{'tok/s':>7}{'full':>7}{'x full':>8}{'depth':>7}{'lay/tok':>8}"
            f"{'kv/tok':>7}{'head/tok':>9}{'agree':>7}{'ppl':>8}")
     print(hdr)
     print("-" * len(hdr))
@@ -173,7 +175,8 @@ def main() -> None:
         extra = f" acc {r['accepted']}" if "accepted" in r else ""
         if "final_threshold" in r:
             extra += " thr " + " ".join(f"{d}:{t:.3f}" for d, t in r["final_threshold"].items())
-        print(f"{r['concurrency']:>4}  {r['strategy']:<12}{r['policy']:<20}{r['tok_s']:7.1f}{r['speedup']:8.2f}"
+        print(f"{r['concurrency']:>4}  {r['strategy']:<12}{r['policy']:<20}{r['tok_s']:7.1f}"
+              f"{r.get('full_tok_s', r['tok_s']):7.1f}{r['speedup']:8.2f}"
               f"{r['mean_depth']:7.2f}{r['layers_per_tok']:8.2f}{r['kv_per_tok']:7.2f}{r['head_per_tok']:9.2f}"
               f"{r['agree']:7.1%}{r['ppl']:8.2f}{extra}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
