@@ -7,7 +7,8 @@ batch 1 (one request after the other) and with `--concurrency` requests at once 
 repeated to fill it; continuous batching). Per config:
 
 - speed: wall-clock new tokens/s, and its ratio to full depth at the same concurrency timed right
-  before it (paired: the load of a shared machine drifts over a run; `full tok/s` is that run);
+  before it (paired: the load of a shared machine drifts over a run; `full tok/s` is that run),
+  the median over `--repeats` such pairs;
 - depth: mean depth the emitted tokens were predicted from, token-layer forwards per decoded
   token (the engine's stage_tokens after prefill, over the tokens after each request's first:
   catch-up, verification and rejected drafts included; full depth is exactly n_layers; parallel
@@ -98,6 +99,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16],
                    help="requests at once, comma-separated (1: one after the other)")
     p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per config (each paired): the median ratio")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,10 +144,14 @@ def main() -> None:
         n_prompt = sum(len(pr) for pr in prompts)
         for strategy in args.strategies.split(","):
             for name, make_threshold in make_policies(args, args.max_new):
-                threshold = make_threshold()  # one instance across the prompts (FREE learns online)
-                llm = make(ExitPolicy(spec, measure, threshold), strategy, conc)
-                _, paired_s = run(full, prompts, greedy, conc)   # full depth right before: the ratio's base
-                outs, secs = run(llm, prompts, greedy, conc)
+                timings = []   # (seconds, paired full-depth seconds) per repeat; a fresh threshold each time
+                for _ in range(args.repeats):
+                    threshold = make_threshold()  # one instance across the prompts (FREE learns online)
+                    llm = make(ExitPolicy(spec, measure, threshold), strategy, conc)
+                    _, paired_s = run(full, prompts, greedy, conc)   # full depth right before: the ratio's base
+                    outs, secs = run(llm, prompts, greedy, conc)
+                    timings.append((secs, paired_s))
+                secs, paired_s = sorted(timings, key=lambda t: t[0] / t[1])[len(timings) // 2]   # the median ratio
                 st = llm.stats()
                 n = sum(len(o) for o in outs)
                 decoded = n - len(outs)
