@@ -10,8 +10,10 @@ The data path of a step: the scheduler lets new chunks into depth 0 (scheduler.p
 policy picks a span group (policy.py); the runner embeds new chunks and runs the span on all of
 its tokens (model_runner.py, attention.py over the KV manager, kv_cache.py); the family's router
 (depth_router.py) moves tokens on and returns the chunks that are done; those whose newest token
-is due are sampled in one batch (sampling.py) and the output processor appends the tokens, checks
-stops and detokenizes (output_processor.py). Its outputs are what `step()` returns.
+is due are sampled in one batch (sampling.py); the router says what is output now (`commit`: a
+speculative draft waits for its verification, which may output several tokens at once) and the
+output processor appends the tokens, checks stops and detokenizes (output_processor.py). Its
+outputs are what `step()` returns.
 
 Spans: the depths are cut at *boundaries* — depth 0, the model's end, the router's decision
 depths (exits, recursion-step ends) and the entries of a shared block's loops (where tokens of
