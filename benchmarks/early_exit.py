@@ -1,29 +1,31 @@
-"""Early-exit decoding against full-depth greedy decoding on the same prompts, in one run.
+"""Early exit in the engine against full-depth greedy decoding on the same prompts, in one run.
 
-For a model with exits (config `exit_depths`, from `recursa train --exit-depths`), each prompt
-is decoded greedily at full depth (the engine at batch 1), then by the early-exit
-decoder (recursa.engine.early_exit) for every KV strategy x threshold policy. Per config:
+For a model with exits (config `exit_depths`, from `recursa train --exit-depths`), the prompts
+are decoded greedily by the engine (`recursa.LLM`) at full depth, then with an exit policy for
+every KV strategy (`exit_strategy`: parallel, copy, speculative) x threshold policy, each at
+batch 1 (one request after the other) and with `--concurrency` requests at once (the prompts
+repeated to fill it; continuous batching). Per config:
 
-- speed: wall-clock new tokens/s, and its ratio to full depth measured in this run;
-- depth: mean depth the emitted tokens were predicted from, and token-layer forwards per decoded
-  token (`layer_tokens`: every layer a token actually ran after prefill, K/V catch-up and
-  speculative re-verification included, divided by the tokens after the first, which prefill
-  emits; full depth is exactly n_layers), and for copy the K/V-only projections of skipped
-  layers per decoded token (`kv/tok`, a small fraction of a layer each, counted apart);
-- quality: share of tokens equal to full-depth greedy at the same index (up to the first
-  divergence everything after is a different text, so this is a strict measure), and the
-  perplexity of the generated continuation under the full model (lower = more natural to it).
+- speed: wall-clock new tokens/s, and its ratio to full depth at the same concurrency timed right
+  before it (paired: the load of a shared machine drifts over a run; `full tok/s` is that run),
+  the median over `--repeats` such pairs;
+- depth: mean depth the emitted tokens were predicted from, token-layer forwards per decoded
+  token (the engine's stage_tokens after prefill, over the tokens after each request's first:
+  catch-up, verification and rejected drafts included; full depth is exactly n_layers; parallel
+  decoding's last stacked tokens never catch up, so it reads slightly low), copy's K/V-only
+  projections per decoded token (`kv/tok`, a fraction of a layer each, apart), and LM-head
+  evaluations per output token (`head/tok`: an exit check with a logit measure costs one);
+- quality: share of tokens equal to full-depth greedy at the same index (strict: a divergence
+  changes everything after it), and the perplexity of the continuation under the full model;
+- speculative: drafts accepted / proposed.
 
 The threshold policies: fixed at two values, CALM's decaying threshold, and FREE's adaptive
-Beta-mixture estimator (ζ = target agreement), one mixture per exit depth. FREE's estimator is
-online: one instance per strategy sees the prompts in order, so it learns across them (each exit
-needs `min_samples` agreements and disagreements labelled by deep passes before it lets anything
-exit there). `--measure classifier` uses the model's learned exit classifier
-(`recursa train-exit-classifier`).
+Beta-mixture estimator (ζ = target agreement), one mixture per exit depth, online: one instance
+per strategy x concurrency learns across the prompts. `--measure classifier` uses the model's
+learned exit classifier (`recursa train-exit-classifier`).
 
-    python benchmarks/early_exit.py --model runs/smol-exits/model --threads 2
-    python benchmarks/early_exit.py --model runs/smol-exits/model --strategies parallel --fixed 0.8
-    python benchmarks/early_exit.py --model runs/smol-exits-lr1e-1/model --measure classifier --fixed 0.9,0.7
+    python benchmarks/early_exit.py --model runs/demo-exits/model --threads 1 --fixed 0.2,0.1
+    python benchmarks/early_exit.py --model runs/smol-exits/model --strategies parallel --fixed 0.8 --concurrency 16
 
 Prints a table, then one JSON line (config, rows, git commit).
 """
@@ -69,6 +71,16 @@ def make_policies(args, max_new: int):
     return out
 
 
+def run(llm, prompts, params, concurrency: int):
+    """Outputs (token lists) and seconds: one request after the other, or `concurrency` at once."""
+    t = time.perf_counter()
+    if concurrency == 1:
+        outs = [llm.generate(pr, params)[0] for pr in prompts]
+    else:
+        outs = llm.generate(prompts, params)
+    return [o.token_ids for o in outs], time.perf_counter() - t
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/smol-exits/model")
@@ -84,12 +96,15 @@ def main() -> None:
     p.add_argument("--free-min-samples", type=int, default=10)
     p.add_argument("--measure", default="max_prob", choices=("max_prob", "margin", "saturation", "classifier"))
     p.add_argument("--max-draft", type=int, default=4)
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16],
+                   help="requests at once, comma-separated (1: one after the other)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per config (each paired): the median ratio")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     from recursa.data.tokenizer import load_tokenizer
-    from recursa.engine.early_exit import early_exit_generate
     from recursa.engine.exit_policy import ExitPolicy
     from recursa.model.exit_classifier import load_exit_classifier
     from recursa.engine.llm import LLM
@@ -103,68 +118,75 @@ def main() -> None:
         raise SystemExit(f"{args.model} has no exits (config exit_depths is empty)")
     tok = load_tokenizer(args.model)
     measure = load_exit_classifier(args.model, model) if args.measure == "classifier" else args.measure
-    prompts = [tok.encode(t) for t in PROMPTS[:args.n_prompts]]
+    base = [tok.encode(t) for t in PROMPTS[:args.n_prompts]]
     L = model.depth
+    greedy = SamplingParams(temperature=0, max_tokens=args.max_new, ignore_eos=True)
+    engine_args = dict(max_num_batched_tokens=args.max_num_batched_tokens)
+
+    def make(policy=None, strategy="parallel", seqs=1):
+        return LLM(model, exit_policy=policy, exit_strategy=strategy, max_draft=args.max_draft, max_num_seqs=seqs,
+                   **engine_args)
 
     # warm-up (first-call allocations, kernel selection) so the first timed config is not penalised
-    full_depth = LLM(model, max_num_seqs=1)
-    greedy = SamplingParams(temperature=0, max_tokens=args.max_new, ignore_eos=True)
-    full_depth.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))
-
-    def run_full():   # the engine at batch 1, one request after the other
-        t = time.perf_counter()
-        outs = [full_depth.generate(pr, greedy)[0].token_ids for pr in prompts]
-        return outs, time.perf_counter() - t
-
-    ref, full_s = run_full()
-    n_ref = sum(len(o) for o in ref)
-    nll = sum(continuation_nll(model, pr, o)[0] for pr, o in zip(prompts, ref))
-    full_tps = n_ref / full_s
-    rows = [{"strategy": "full", "policy": "-", "tok_s": full_tps, "speedup": 1.0, "mean_depth": float(L),
-             "layers_per_tok": float(L), "kv_per_tok": 0.0, "agree": 1.0, "ppl": math.exp(nll / n_ref), "shares": {L: 1.0},
-             "seconds": full_s}]
-
-    for strategy in args.strategies.split(","):
-        for name, make in make_policies(args, args.max_new):
-            threshold = make()  # one instance across the prompts (FREE learns online)
-            policy = ExitPolicy(spec, measure, threshold)
-            t = time.perf_counter()
-            results = [early_exit_generate(model, pr, args.max_new, policy, strategy, max_draft=args.max_draft)
-                       for pr in prompts]
-            secs = time.perf_counter() - t
-            n = sum(len(r.tokens) for r in results)
-            depths = [d for r in results for d in r.exit_depths]
-            same, total = map(sum, zip(*(agreement(r.tokens, o) for r, o in zip(results, ref))))
-            nll = sum(continuation_nll(model, pr, r.tokens)[0] for pr, r in zip(prompts, results))
-            row = {"strategy": strategy, "policy": name, "tok_s": n / secs, "speedup": (n / secs) / full_tps,
-                   "mean_depth": sum(depths) / len(depths),
-                   "layers_per_tok": sum(r.layer_tokens for r in results) / (n - len(results)),
-                   "kv_per_tok": sum(r.kv_layer_tokens for r in results) / (n - len(results)),
-                   "agree": same / total, "ppl": math.exp(nll / n),
-                   "shares": {d: depths.count(d) / len(depths) for d in sorted(set(depths))}, "seconds": secs}
-            if strategy == "speculative":
-                row["accepted"] = f"{sum(r.accepted for r in results)}/{sum(r.drafted for r in results)}"
-            if hasattr(threshold, "by_depth"):  # FREE: the threshold each exit's estimator ended at
-                row["final_threshold"] = {d: t.value() for d, t in sorted(threshold.by_depth.items())}
-            rows.append(row)
-            print(f"  done {strategy} / {name} in {secs:.1f}s", flush=True)
+    make().generate(base[0], SamplingParams(temperature=0, max_tokens=4))
+    rows = []
+    for conc in args.concurrency:
+        prompts = (base * -(-conc // len(base)))[:max(conc, len(base))] if conc > 1 else base
+        full = make(seqs=conc)
+        ref, full_s = run(full, prompts, greedy, conc)
+        n_ref = sum(len(o) for o in ref)
+        nll = sum(continuation_nll(model, pr, o)[0] for pr, o in zip(prompts, ref))
+        full_tps = n_ref / full_s
+        rows.append({"concurrency": conc, "strategy": "full", "policy": "-", "tok_s": full_tps, "speedup": 1.0,
+                     "mean_depth": float(L), "layers_per_tok": float(L), "kv_per_tok": 0.0,
+                     "head_per_tok": full.stats()["head_evals_per_token"], "agree": 1.0,
+                     "ppl": math.exp(nll / n_ref), "seconds": full_s})
+        n_prompt = sum(len(pr) for pr in prompts)
+        for strategy in args.strategies.split(","):
+            for name, make_threshold in make_policies(args, args.max_new):
+                timings = []   # (seconds, paired full-depth seconds) per repeat; a fresh threshold each time
+                for _ in range(args.repeats):
+                    threshold = make_threshold()  # one instance across the prompts (FREE learns online)
+                    llm = make(ExitPolicy(spec, measure, threshold), strategy, conc)
+                    _, paired_s = run(full, prompts, greedy, conc)   # full depth right before: the ratio's base
+                    outs, secs = run(llm, prompts, greedy, conc)
+                    timings.append((secs, paired_s))
+                secs, paired_s = sorted(timings, key=lambda t: t[0] / t[1])[len(timings) // 2]   # the median ratio
+                st = llm.stats()
+                n = sum(len(o) for o in outs)
+                decoded = n - len(outs)
+                same, total = map(sum, zip(*(agreement(o, r) for o, r in zip(outs, ref))))
+                nll = sum(continuation_nll(model, pr, o)[0] for pr, o in zip(prompts, outs))
+                depths = st["mean_exit_depth"]
+                row = {"concurrency": conc, "strategy": strategy, "policy": name, "tok_s": n / secs,
+                       "speedup": (n / secs) / (n_ref / paired_s), "full_tok_s": n_ref / paired_s, "mean_depth": depths,
+                       "layers_per_tok": (st["stage_tokens"] - n_prompt * L) / decoded,
+                       "kv_per_tok": st.get("copied_kv_layer_tokens", 0) / decoded,
+                       "head_per_tok": st["head_evals_per_token"], "agree": same / total, "ppl": math.exp(nll / n),
+                       "seconds": secs}
+                if strategy == "speculative":
+                    row["accepted"] = f"{st['accepted_draft_tokens']}/{st['draft_tokens']}"
+                if hasattr(threshold, "by_depth"):  # FREE: the threshold each exit's estimator ended at
+                    row["final_threshold"] = {d: t.value() for d, t in sorted(threshold.by_depth.items())}
+                rows.append(row)
+                print(f"  done {strategy} / {name} / {conc} at once in {secs:.1f}s", flush=True)
 
     print(f"\nmodel {args.model}: {L} layers, exits {list(spec.depths)} (own_norm={spec.own_norm}), "
-          f"{len(prompts)} prompts x {args.max_new} new tokens, greedy, measure {args.measure}, threads {args.threads}")
-    hdr = (f"{'strategy':<12}{'policy':<20}{'tok/s':>7}{'x full':>8}{'depth':>7}{'lay/tok':>8}{'kv/tok':>7}"
-           f"{'agree':>7}{'ppl':>8}  shares")
+          f"{len(base)} prompts x {args.max_new} new tokens, greedy, measure {args.measure}, threads {args.threads}")
+    hdr = (f"{'conc':>4}  {'strategy':<12}{'policy':<20}{'tok/s':>7}{'full':>7}{'x full':>8}{'depth':>7}{'lay/tok':>8}"
+           f"{'kv/tok':>7}{'head/tok':>9}{'agree':>7}{'ppl':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        shares = " ".join(f"{d}:{s:.0%}" for d, s in r["shares"].items())
         extra = f" acc {r['accepted']}" if "accepted" in r else ""
         if "final_threshold" in r:
             extra += " thr " + " ".join(f"{d}:{t:.3f}" for d, t in r["final_threshold"].items())
-        print(f"{r['strategy']:<12}{r['policy']:<20}{r['tok_s']:7.1f}{r['speedup']:8.2f}{r['mean_depth']:7.1f}"
-              f"{r['layers_per_tok']:8.1f}{r['kv_per_tok']:7.1f}{r['agree']:7.1%}{r['ppl']:8.2f}  {shares}{extra}")
+        print(f"{r['concurrency']:>4}  {r['strategy']:<12}{r['policy']:<20}{r['tok_s']:7.1f}"
+              f"{r.get('full_tok_s', r['tok_s']):7.1f}{r['speedup']:8.2f}"
+              f"{r['mean_depth']:7.2f}{r['layers_per_tok']:8.2f}{r['kv_per_tok']:7.2f}{r['head_per_tok']:9.2f}"
+              f"{r['agree']:7.1%}{r['ppl']:8.2f}{extra}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    config = {k: v for k, v in vars(args).items()}
-    print(json.dumps({"benchmark": "early_exit", "config": config, "n_layers": L, "exit_depths": list(spec.depths),
+    print(json.dumps({"benchmark": "early_exit", "config": vars(args), "n_layers": L, "exit_depths": list(spec.depths),
                       "own_norm": spec.own_norm, "rows": rows, "commit": commit, "torch": torch.__version__,
                       "machine": platform.machine()}, default=str))
 

@@ -18,6 +18,7 @@ from recursa.engine.thresholds import Fixed
 from recursa.errors import RecursaError
 from recursa.model import Decoder
 from recursa.model.exits import ExitSpec, exit_logits
+from reference import replay_exit_rule
 
 PROMPTS = [[5, 17, 99, 3, 250], list(range(1, 30)), [7] * 9, [300, 2, 3, 4] * 3]
 ARRIVAL = [0, 2, 7, 15]
@@ -37,22 +38,9 @@ def _model(**kw) -> Decoder:
 
 def _reference(model, spec, prompt, out):
     """(tokens, exit depths, logits) the exit rule gives on the full forward of prompt + out."""
-    ids = torch.tensor([prompt + out[:-1]])
     with torch.no_grad():
-        hidden = model.forward_hidden(ids)
-        tokens, depths, rows = [], [], []
-        for i in range(len(out)):
-            p = len(prompt) + i - 1
-            for d in (spec.depths if i > 0 else ()):
-                logits = exit_logits(model, hidden[d][0, p], d)
-                if measure(logits, hidden[d][0, p], None, d) >= 0.5:
-                    break
-            else:
-                d, logits = model.depth, model.head(hidden[-1][0, p])
-            tokens.append(int(logits.argmax()))
-            depths.append(d)
-            rows.append(logits)
-    return tokens, depths, rows
+        hidden = model.forward_hidden(torch.tensor([prompt + out[:-1]]))
+    return replay_exit_rule(model, hidden, len(prompt), len(out), spec.depths, measure)
 
 
 def _run(llm, record):

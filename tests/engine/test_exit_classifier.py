@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+import recursa
+from recursa import SamplingParams
 from recursa.cli import main
 from recursa.presets import preset
 from recursa.data.packed import write_tokens
 from recursa.data.tokenizer import train_tokenizer
-from recursa.engine.early_exit import early_exit_generate
 from recursa.engine.exit_policy import ExitPolicy
 from recursa.model.exit_classifier import META_FILE, WEIGHTS_FILE, ExitClassifier, load_exit_classifier
 from recursa.engine.thresholds import Fixed
@@ -105,8 +106,9 @@ def test_train_on_a_frozen_model_saves_and_loads(dirs):
     for d in (1, 2):
         torch.testing.assert_close(loaded(h, f, d), clf(h, f, d), atol=0, rtol=0)
     # drives the decoder as a confidence measure
-    res = early_exit_generate(model, [5, 17, 20], 10, ExitPolicy(ExitSpec((1, 2)), loaded, Fixed(0.0)), "parallel")
-    assert res.exit_depths == [4] + [1] * 9
+    llm = recursa.LLM(model, exit_policy=ExitPolicy(ExitSpec((1, 2)), loaded, Fixed(0.0)), kv_cache_memory=2**20)
+    out = llm.generate([[5, 17, 20]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert out.exit_depths == [4] + [1] * 9
 
 
 def test_bad_directories_are_recursa_errors(dirs, tmp_path):

@@ -1,4 +1,4 @@
-"""`recursa generate --exit-strategy ...`: the early-exit decoder from the command line."""
+"""`recursa generate --exit-strategy ...`: the engine's early-exit strategies from the command line."""
 import re
 
 import pytest
@@ -8,7 +8,7 @@ from recursa.cli import main
 from recursa.cli.generate import STRATEGIES
 from recursa.presets import preset
 from recursa.data.tokenizer import train_tokenizer
-from recursa.engine import early_exit
+from recursa.engine.config import EXIT_STRATEGIES
 from recursa.model import Decoder
 
 
@@ -27,8 +27,8 @@ def _table(out: str) -> list[int]:
     return [int(m.group(1)) for m in re.finditer(r"^\s+\d+\s+(\d+)\s+'", out, re.M)]
 
 
-def test_strategies_match_the_decoder():
-    assert STRATEGIES is early_exit.STRATEGIES  # one definition, imported by the CLI
+def test_strategies_match_the_engine():
+    assert STRATEGIES is EXIT_STRATEGIES  # one definition, imported by the CLI
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -59,7 +59,6 @@ def test_generate_never_exiting_equals_full_depth_text(exit_model_dir, capsys):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--exit-strategy", "copy", "--prompt", "again"], "single request"),
     (["--exit-strategy", "copy", "--exit-threshold-kind", "free", "--exit-threshold", "1.5"], "(0, 1)"),
     (["--exit-strategy", "speculative", "--temperature", "1"], "greedy"),
 ])
@@ -80,13 +79,25 @@ def test_model_without_exits_is_an_error(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_parallel_runs_several_prompts_in_the_engine(exit_model_dir, capsys):
+@pytest.mark.parametrize("strategy", ["parallel", "copy"])
+def test_strategies_run_several_prompts_in_the_engine(exit_model_dir, strategy, capsys):
     args = ["generate", str(exit_model_dir), "--prompt", "the cat", "--prompt", "once upon a time",
-            "--max-tokens", "6", "--exit-strategy", "parallel", "--exit-threshold", "0"]
+            "--max-tokens", "6", "--exit-strategy", strategy, "--exit-threshold", "0"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert _table(out) == [4, 1, 1, 1, 1, 1] * 2        # both requests, each token after the first exits at 1
     assert out.count("mean depth 1.50 of 4 layers") == 2
+
+
+def test_speculative_text_equals_full_depth_for_several_prompts(exit_model_dir, capsys):
+    prompts = ["--prompt", "the cat", "--prompt", "once upon a time"]
+    assert main(["generate", str(exit_model_dir), *prompts, "--max-tokens", "8"]) == 0
+    full = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert main(["generate", str(exit_model_dir), *prompts, "--max-tokens", "8", "--exit-strategy", "speculative",
+                 "--exit-threshold", "0", "--max-draft", "3"]) == 0
+    captured = capsys.readouterr()
+    texts = [line for line in captured.out.splitlines() if line.startswith(("the cat", "once upon"))]
+    assert texts == full and "drafts accepted" in captured.err
 
 
 def test_mor_model_reports_router_depths(tmp_path, capsys):

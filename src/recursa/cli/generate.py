@@ -4,11 +4,12 @@ Several prompts run concurrently through `recursa.LLM` (continuous depth-wise ba
 single prompt streams its text as it is generated.
 
 With `--exit-strategy`, tokens exit at the model's exits (config `exit_depths`, from
-`recursa train --exit-depths`). `parallel` (synchronized parallel decoding: exact KV) runs in the
-batching engine, any number of prompts at once; `copy` and `speculative` decode one prompt with
-the single-request decoder (recursa.engine.early_exit). Either prints the text, then per token
-the depth it was emitted from, then the mean depth and the share of tokens per exit. Models that
-choose depth themselves (Mixture-of-Recursions) report the same without any flag:
+`recursa train --exit-depths`), in the batching engine, any number of prompts at once: `parallel`
+(synchronized parallel decoding: exact KV), `copy` (CALM's state copying: approximate KV) or
+`speculative` (self-speculative draft-and-verify: output equals full depth, greedy only). It
+prints the text, then per token the depth it was emitted from, then the mean depth and the share
+of tokens per exit (speculative: also the drafts accepted). Models that choose depth themselves
+(Mixture-of-Recursions) report the same without any flag:
 
     recursa generate runs/ee/model --prompt "Once" --exit-strategy speculative --exit-threshold 0.8
     recursa generate runs/ee/model --prompt "Once" --prompt "The" --exit-strategy parallel \
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from recursa.cli import add_precision_args, positive_int
 from recursa.model.confidence import CHOICES as MEASURE_CHOICES
-from recursa.engine.early_exit import STRATEGIES
+from recursa.engine.config import EXIT_STRATEGIES as STRATEGIES
 from recursa.errors import RecursaError
 
 
@@ -50,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=_non_negative_float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (instruct models)")
-    e = p.add_argument_group("early exit (parallel: in the engine, any prompts; copy/speculative: one prompt)")
+    e = p.add_argument_group("early exit (in the engine, any number of prompts)")
     e.add_argument("--exit-strategy", choices=STRATEGIES,
                    help="KV for skipped layers: copy (CALM), parallel (FREE), speculative (LayerSkip, greedy, lossless)")
     e.add_argument("--exit-threshold", type=float, default=None,
@@ -94,13 +95,15 @@ def _check_args(args) -> None:
     low = -1.0 if args.exit_measure == "saturation" else 0.0   # cosine similarity may be negative
     if kind == "free" and not 0 < value < 1:
         raise RecursaError(f"--exit-threshold is FREE's target agreement probability: it must be in (0, 1), got {value}")
+    if args.exit_strategy == "speculative" and args.temperature > 0:
+        raise RecursaError("--exit-strategy speculative is greedy only: use --temperature 0 (or --exit-strategy parallel)")
     if kind != "free" and not low <= value <= 1:
         raise RecursaError(f"--exit-threshold {value} with --exit-measure {args.exit_measure}: a confidence lies in "
                            f"[{low:g}, 1], so it would {'never' if value > 1 else 'always'} exit; give one in [{low:g}, 1]")
 
 
 def _check_length(args, model, tokenizer, texts: list[str]) -> None:
-    """The same rule on both paths: prompt + --max-tokens must fit the model's max_seq_len."""
+    """Prompt + --max-tokens must fit the model's max_seq_len (refused before anything runs)."""
     limit = model.cfg.max_seq_len
     for text in texts:
         n = len(tokenizer.encode(text))
@@ -111,8 +114,6 @@ def _check_length(args, model, tokenizer, texts: list[str]) -> None:
 
 def run(args) -> int:
     _check_args(args)
-    if args.exit_strategy not in (None, "parallel"):
-        return run_early_exit(args)
     from recursa.engine.llm import LLM
     from recursa.engine.sampling_params import SamplingParams
 
@@ -121,12 +122,14 @@ def run(args) -> int:
     model = _load(args)
     if not (Path(args.model) / "tokenizer.json").is_file():
         raise RecursaError(f"{args.model} has no tokenizer.json")
-    exit_policy = _exit_policy(args, model) if args.exit_strategy == "parallel" else None
-    llm = LLM(model, load_tokenizer(args.model), exit_policy=exit_policy)
+    tokenizer = load_tokenizer(args.model)
+    texts = [_chat(p) if args.chat else p for p in args.prompt]
+    _check_length(args, model, tokenizer, texts)
+    exit_policy = _exit_policy(args, model) if args.exit_strategy is not None else None
+    strategy = dict(exit_strategy=args.exit_strategy, max_draft=args.max_draft) if exit_policy is not None else {}
+    llm = LLM(model, tokenizer, exit_policy=exit_policy, **strategy)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0,
                             seed=args.seed, max_tokens=args.max_tokens)
-    texts = [_chat(p) if args.chat else p for p in args.prompt]
-    _check_length(args, model, llm.tokenizer, texts)
     headers = [f"> {p}\n" if args.chat else p for p in args.prompt]
     adaptive = exit_policy is not None or model.cfg.is_mor
     start = time.perf_counter()
@@ -156,9 +159,11 @@ def run(args) -> int:
             sys.stdout.write("\n")
     n_tokens = sum(len(o.token_ids) for o in finished.values())
     stats = llm.stats()
+    extra = (f", {stats['accepted_draft_tokens']}/{stats['draft_tokens']} drafts accepted"
+             if args.exit_strategy == "speculative" else "")
     print(f"[{len(texts)} request{'s' if len(texts) > 1 else ''}, {n_tokens} tokens in {elapsed:.2f}s, "
-          f"{n_tokens / max(elapsed, 1e-9):.1f} tok/s, {stats['tokens_per_stage_run']:.1f} tokens per stage run]",
-          file=sys.stderr)
+          f"{n_tokens / max(elapsed, 1e-9):.1f} tok/s, {stats['tokens_per_stage_run']:.1f} tokens per stage run, "
+          f"{stats['head_evals_per_token']:.2f} head evaluations per token{extra}]", file=sys.stderr)
     failed = [i + 1 for i in sorted(finished) if finished[i].finish_reason == "error"]
     if failed:
         raise RecursaError(f"prompt(s) {', '.join(map(str, failed))} failed inside the engine "
@@ -207,31 +212,3 @@ def _exit_policy(args, model):
 def _chat(prompt: str) -> str:
     """ChatML, the format of SmolLM2-Instruct and most small instruct models."""
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def run_early_exit(args) -> int:
-    """One prompt through EarlyExitDecoder (copy, speculative); text, per-token depths, shares per exit."""
-    from recursa.data.tokenizer import load_tokenizer
-    from recursa.engine.early_exit import early_exit_generate
-
-    if len(args.prompt) != 1:
-        raise RecursaError(f"--exit-strategy {args.exit_strategy} decodes a single request: give one --prompt, "
-                           f"got {len(args.prompt)} (--exit-strategy parallel runs several in the engine)")
-    model = _load(args)
-    tokenizer = load_tokenizer(args.model)
-    prompt = _chat(args.prompt[0]) if args.chat else args.prompt[0]
-    _check_length(args, model, tokenizer, [prompt])
-    policy = _exit_policy(args, model)
-    ids = tokenizer.encode(prompt)
-    start = time.perf_counter()
-    res = early_exit_generate(model, ids, args.max_tokens, policy, args.exit_strategy, max_draft=args.max_draft,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              stop_ids=[tokenizer.eos_id])
-    elapsed = time.perf_counter() - start
-    header = f"> {args.prompt[0]}\n" if args.chat else args.prompt[0]
-    print(header + tokenizer.decode(res.tokens))
-    _print_depths(tokenizer, res.tokens, res.exit_depths, res.n_layers)
-    extra = f", {res.accepted}/{res.drafted} drafts accepted" if args.exit_strategy == "speculative" else ""
-    print(f"[{len(res.tokens)} tokens in {elapsed:.2f}s, {len(res.tokens) / max(elapsed, 1e-9):.1f} tok/s, "
-          f"{res.layer_tokens} token-layer forwards, {res.kv_layer_tokens} K/V-only{extra}]", file=sys.stderr)
-    return 0

@@ -19,6 +19,7 @@ The data path of a request, in reading order:
 Early exit:
     exit_policy.py      ExitPolicy (exits, confidence measure, threshold), the labelling rule
     thresholds.py       fixed, CALM's decaying, FREE's online Beta-mixture thresholds
-    early_exit.py       single-request decoder for the two strategies not yet in the engine (copy,
-                        speculative); parallel decoding runs in the engine (depth_router.EarlyExit)
+    depth_router.py     EarlyExit: synchronized parallel decoding (exact KV), exit_strategy "parallel"
+    state_copy.py       StateCopy: CALM's state copying (approximate KV), exit_strategy "copy"
+    speculative.py      SelfSpeculative: draft at the exits, verify in one deep pass (lossless, greedy)
 """

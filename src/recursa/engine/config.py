@@ -6,6 +6,11 @@ most waiting tokens) or "synchronous" (a batch steps through all depths together
 wait until it has exited). `compile` runs each span through torch.compile (inductor; on CPU it
 fuses the norms, rotary and activation ops between the matmuls, one graph per span): it costs minutes of compile
 time at the first steps, so it is off unless asked for (benchmarks/RESULTS.md has the figures).
+
+`exit_strategy` says how tokens that exit early (with an exit policy) leave the deeper layers' K/V:
+"parallel" (synchronized parallel decoding, exact: depth_router.EarlyExit), "copy" (CALM's state
+copying, approximate: state_copy.py) or "speculative" (self-speculative draft-and-verify, lossless,
+greedy only: speculative.py, at most `max_draft` drafts per verification).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from recursa.errors import RecursaError
 
 POLICIES = ("depthwise", "fullest", "synchronous")
+EXIT_STRATEGIES = ("parallel", "copy", "speculative")
 
 
 @dataclass(slots=True)
@@ -25,9 +31,11 @@ class EngineConfig:
     kv_cache_memory: int | None = None    # bytes for all KV blocks; default min(needed, 512 MiB)
     policy: str = "depthwise"
     compile: bool = False                 # torch.compile each span's forward (dynamic token counts); minutes to compile
+    exit_strategy: str = "parallel"       # with an exit policy: parallel, copy or speculative
+    max_draft: int = 4                    # speculative: drafts per verification pass
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_draft"):
             if getattr(self, name) < 1:
                 raise RecursaError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -36,3 +44,5 @@ class EngineConfig:
             raise RecursaError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if self.policy not in POLICIES:
             raise RecursaError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.exit_strategy not in EXIT_STRATEGIES:
+            raise RecursaError(f"unknown exit strategy {self.exit_strategy!r}; choose one of {', '.join(EXIT_STRATEGIES)}")

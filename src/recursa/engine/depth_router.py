@@ -69,6 +69,16 @@ class Router:
         """Drop seq's routing state (finished, aborted, or preempted: recomputed from its tokens)."""
         self.state.pop(id(seq), None)
 
+    def check(self, params) -> None:
+        """Refuse sampling params this router cannot honour (RecursaError)."""
+
+    def commit(self, seq: Sequence, token: int | None) -> list[tuple[int, int]]:
+        """(token, depth) pairs seq outputs now, given the token just sampled for it (None: none was)."""
+        return [] if token is None else [(token, self.executed_depth(seq))]
+
+    def stats(self) -> dict:
+        return {}
+
     def arrive(self, seqs: list[Sequence]) -> list[Done]:
         return self._finish([s for s in seqs if s.depth == self.depth])
 
@@ -229,11 +239,11 @@ class EarlyExit(Router):
                 st = self._of(s)
                 st.seen[d] = h[i]
                 st.obs.append((d, conf, argmax[i]))
-                if conf >= self.policy.threshold(len(s.output_token_ids), d):
-                    st.stack.append((s.positions, s.hidden, d))
-                    st.obs, st.seen, st.exit_depth = [], {}, d
+                if conf >= self.policy.threshold(len(s.output_token_ids), d) and self.may_exit(s):
+                    self.exit(s, d)
                     leaving.append(i)
                     exited.add(id(s))
+            self.exited([group[i] for i in leaving], h[leaving], d)
             if leaving and logits is None:   # head-free checks: the head runs for the exiting tokens only
                 rows = dict(zip(leaving, self.runner.run_head(h[leaving], d, self.policy.heads)))
             else:
@@ -248,23 +258,41 @@ class EarlyExit(Router):
                 st.stack = [e for e in st.stack if e[2] != s.depth]
                 s.set_tokens(torch.cat([e[0] for e in join] + [s.positions]),
                              torch.cat([e[1] for e in join] + [s.hidden]))
-        full = self._finish([s for s in seqs if s.depth == self.depth])
+        return done + self.full_depth([s for s in seqs if s.depth == self.depth])
+
+    # the strategy's hooks (parallel decoding here; state_copy.py and speculative.py change them)
+    def may_exit(self, seq: Sequence) -> bool:
+        return True
+
+    def exit(self, seq: Sequence, depth: int) -> None:
+        """seq's newest token leaves at `depth`: its in-flight tokens wait on the stack there."""
+        st = self._of(seq)
+        st.stack.append((seq.positions, seq.hidden, depth))
+        st.obs, st.seen, st.exit_depth = [], {}, depth
+
+    def exited(self, seqs: list[Sequence], hidden: torch.Tensor, depth: int) -> None:
+        """All of this step's exits at `depth` were taken (hidden [n, D]: the exiting tokens')."""
+
+    def full_depth(self, seqs: list[Sequence]) -> list[Done]:
+        """Chunks at the model's end: sample the newest token, label the exits it passed."""
+        full = self._finish(seqs)
         for s, row in full:
             st = self._of(s)
             if row is not None:
                 self.policy.observe(st.obs, int(row.argmax()))
             st.obs, st.seen, st.exit_depth = [], {}, self.depth
-        return done + full
+        return full
 
 
-def make_router(model, runner: ModelRunner, exit_policy: ExitPolicy | None = None) -> Router:
-    """The router for `model`'s family (an exit policy turns on early exit)."""
+def make_router(model, runner: ModelRunner, exit_policy: ExitPolicy | None = None, exit_router=None) -> Router:
+    """The router for `model`'s family (an exit policy turns on early exit; `exit_router(model, runner,
+    policy)` builds its strategy's router, default EarlyExit: parallel decoding)."""
     if model.cfg.is_mor and exit_policy is not None:
         raise RecursaError("a Mixture-of-Recursions model chooses depth with its router; it takes no exit policy")
     if model.cfg.is_mor:
         return MoRRouting(model, runner)
     if exit_policy is not None:
-        return EarlyExit(model, runner, exit_policy)
+        return (exit_router or EarlyExit)(model, runner, exit_policy)
     return Router(model, runner)
 
 

@@ -12,9 +12,11 @@ in is converted in place. With "int4", a model directory holding int4.safetensor
 fetch --keep-int4`) uses those blocks as they are (SmolLM2's own Q4_1) instead of re-quantizing.
 
 Keyword arguments are EngineConfig's (max_num_seqs, max_num_batched_tokens, max_model_len,
-block_size, kv_cache_memory, policy); `exit_policy` (an exit_policy.ExitPolicy) turns on early
-exit for a model with exits, decoded at batch > 1 with lossless KV (depth_router.py). The streaming interface (add_request, abort_request,
-step, has_unfinished) is LLMEngine's, for servers.
+block_size, kv_cache_memory, policy, exit_strategy, max_draft); `exit_policy` (an
+exit_policy.ExitPolicy) turns on early exit for a model with exits, decoded at any batch size;
+`exit_strategy` picks how exited tokens' deeper K/V come about: "parallel" (exact, default),
+"copy" (approximate) or "speculative" (draft-and-verify, lossless, greedy). The streaming
+interface (add_request, abort_request, step, has_unfinished) is LLMEngine's, for servers.
 """
 from __future__ import annotations
 

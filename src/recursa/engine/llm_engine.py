@@ -10,8 +10,10 @@ The data path of a step: the scheduler lets new chunks into depth 0 (scheduler.p
 policy picks a span group (policy.py); the runner embeds new chunks and runs the span on all of
 its tokens (model_runner.py, attention.py over the KV manager, kv_cache.py); the family's router
 (depth_router.py) moves tokens on and returns the chunks that are done; those whose newest token
-is due are sampled in one batch (sampling.py) and the output processor appends the tokens, checks
-stops and detokenizes (output_processor.py). Its outputs are what `step()` returns.
+is due are sampled in one batch (sampling.py); the router says what is output now (`commit`: a
+speculative draft waits for its verification, which may output several tokens at once) and the
+output processor appends the tokens, checks stops and detokenizes (output_processor.py). Its
+outputs are what `step()` returns.
 
 Spans: the depths are cut at *boundaries* — depth 0, the model's end, the router's decision
 depths (exits, recursion-step ends) and the entries of a shared block's loops (where tokens of
@@ -21,11 +23,12 @@ model is one span: one Python step per token round, as in nano-vllm.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 
 from recursa.engine.config import EngineConfig
-from recursa.engine.depth_router import make_router
+from recursa.engine.depth_router import EarlyExit, make_router
 from recursa.engine.kv_cache import KVCacheManager
 from recursa.engine.model_runner import ModelRunner
 from recursa.engine.output_processor import OutputProcessor
@@ -35,6 +38,8 @@ from recursa.engine.sampling import sample_rows_isolated
 from recursa.engine.sampling_params import SamplingParams
 from recursa.engine.scheduler import Scheduler
 from recursa.engine.sequence import Sequence, check_prompt
+from recursa.engine.speculative import SelfSpeculative
+from recursa.engine.state_copy import StateCopy
 from recursa.errors import RecursaError
 from recursa.model.decoder import Decoder
 
@@ -70,7 +75,14 @@ class LLMEngine:
                                  memory_bytes=memory, dtype=weight.dtype, device=weight.device,
                                  cache_layer_of=kv_source, recursion_wise=cfg.is_mor and cfg.mor_kv == "recursion")
         self.runner = ModelRunner(model, self.kv, config.compile)
-        self.router = make_router(model, self.runner, exit_policy)
+        eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self.output_processor = OutputProcessor(tokenizer, eos_id, self.max_model_len)
+        if config.exit_strategy != "parallel" and exit_policy is None:
+            raise RecursaError(f"exit_strategy {config.exit_strategy!r} needs an exit_policy")
+        exit_router = {"parallel": EarlyExit, "copy": StateCopy,
+                       "speculative": partial(SelfSpeculative, max_draft=config.max_draft,
+                                              ends=self.output_processor.reason)}[config.exit_strategy]
+        self.router = make_router(model, self.runner, exit_policy, exit_router)
         # spans and their keys: spans that run the same stages in the same order batch together
         self.boundaries = bounds = span_boundaries(model, self.router.boundaries())
         stage_keys = model.stage_keys()
@@ -79,8 +91,6 @@ class LLMEngine:
         self.runner.span_len = {b: e - b for b, e in zip(bounds, bounds[1:])}
         policy = make_policy(config.policy, [span_key[b] for b in bounds[:-1]], config.max_num_batched_tokens)
         self.scheduler = Scheduler(config, self.kv, policy, span_key, self.router.forget)
-        eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
-        self.output_processor = OutputProcessor(tokenizer, eos_id, self.max_model_len)
         self.num_output_tokens = 0
         self.sum_exit_depth = 0
         self.seqs: dict[str, Sequence] = {}
@@ -102,6 +112,7 @@ class LLMEngine:
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
             ids, text = prompt, None
+        self.router.check(params)
         ids = check_prompt(ids, self.model.cfg.vocab_size, self.max_model_len)
         longest = min(len(ids) + params.max_tokens, self.max_model_len)
         if self.kv.blocks_for(longest) > self.kv.num_blocks:
@@ -142,8 +153,8 @@ class LLMEngine:
             outputs = []
             for s in group:
                 if s.request_id in self.seqs:
+                    self.scheduler.remove(s)      # first: unverified drafts leave its tokens
                     outputs.append(self.output_processor.fail(s))
-                    self.scheduler.remove(s)
                     del self.seqs[s.request_id]
             return outputs
 
@@ -168,16 +179,19 @@ class LLMEngine:
         for s, _ in done:
             s.num_cached = s.chunk_end
             s.end_chunk()
+        sampled = {id(s): token for (s, _), token in zip(ready, tokens)}
         outputs = []
-        for (s, _), token in zip(ready, tokens):
-            if token is None:   # NaN/inf logits: this request ends, the batch goes on
+        for s, row in done:
+            if row is not None and sampled[id(s)] is None:   # NaN/inf logits: this request ends, the batch goes on
+                self.router.forget(s)                         # (unverified drafts are no output)
                 outputs.append(self.output_processor.fail(s))
-            else:
-                depth = self.router.executed_depth(s)
-                s.depths.append(depth)
-                self.num_output_tokens += 1
-                self.sum_exit_depth += depth
-                outputs.append(self.output_processor.append(s, token))
+            else:   # the router says what is output now (a speculative draft waits for its verification)
+                new = self.router.commit(s, sampled.get(id(s)))
+                if not new:
+                    continue
+                self.num_output_tokens += len(new)
+                self.sum_exit_depth += sum(d for _, d in new)
+                outputs.append(self.output_processor.append(s, [t for t, _ in new], [d for _, d in new]))
             if s.finish_reason is not None:
                 self.scheduler.remove(s)
                 del self.seqs[s.request_id]
@@ -192,6 +206,7 @@ class LLMEngine:
             "tokens_per_stage_run": r.num_stage_tokens / r.num_stage_runs if r.num_stage_runs else 0.0,
             "head_tokens": r.num_head_tokens,
             "output_tokens": self.num_output_tokens,
+            "head_evals_per_token": r.num_head_tokens / self.num_output_tokens if self.num_output_tokens else 0.0,
             "mean_exit_depth": self.sum_exit_depth / self.num_output_tokens if self.num_output_tokens else 0.0,
             "model_depth": self.model.depth,
             "kv_entries_written": self.kv.entries_written,
@@ -201,4 +216,5 @@ class LLMEngine:
             "kv_free_blocks": self.kv.num_free_blocks,
             "kv_usage": self.kv.usage,
             "threads": torch.get_num_threads(),
+            **self.router.stats(),
         }

@@ -7,7 +7,7 @@ are held back: a trailing partial UTF-8 sequence ("\\ufffd") until its next byte
 last len(stop) - 1 characters while a stop string could still complete. Text ends before the
 first stop string; an EOS or stop token ends it and is not part of it.
 
-    out = processor.append(seq, token)   # -> RequestOutput with the delta since the previous one
+    out = processor.append(seq, [token], [depth])   # -> RequestOutput with the delta since the previous one
 """
 from __future__ import annotations
 
@@ -34,20 +34,31 @@ class OutputProcessor:
     def forget(self, request_id: str) -> None:
         self._text.pop(request_id, None)
 
-    def append(self, seq: Sequence, token: int) -> RequestOutput:
-        """Add the sampled `token` to seq, decide whether it finished, and return its output."""
-        seq.token_ids.append(token)
-        p, out_ids = seq.params, seq.output_token_ids
+    def append(self, seq: Sequence, tokens: list[int], depths: list[int]) -> RequestOutput:
+        """Add sampled `tokens` to seq in order (with the depth behind each), deciding after each whether
+        it finished (the rest are dropped then), and return its output."""
         st = self._text.setdefault(seq.request_id, _Text())
-        reason, text_end = None, len(out_ids)
-        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
-            reason, text_end = "stop", text_end - 1
-        elif len(out_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if self._commit(st, out_ids[:text_end], reason is not None, p.stop):
-            reason = "stop"
-        seq.finish_reason = reason
+        for token, depth in zip(tokens, depths):
+            seq.token_ids.append(token)
+            seq.depths.append(depth)
+            out_ids = seq.output_token_ids
+            reason = self.reason(seq, token)
+            text_end = len(out_ids) - (reason == "stop")
+            if self._commit(st, out_ids[:text_end], reason is not None, seq.params.stop):
+                reason = "stop"
+            seq.finish_reason = reason
+            if reason is not None:
+                break
         return self._output(seq, st)
+
+    def reason(self, seq: Sequence, token: int) -> str | None:
+        """Why seq ends with `token` as its newest token ("stop", "length"), stop strings aside; None if it goes on."""
+        p = seq.params
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
 
     def fail(self, seq: Sequence) -> RequestOutput:
         """seq ends with finish_reason "error" (its logits could not be sampled, or its step raised)."""

@@ -1,7 +1,7 @@
 """Llama-style building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
 Every module is stateless: keys/values come in and go out as plain tensors, so the same block
-serves the training forward (no cache), a single-request decoder, and the batching engine.
+serves the training forward (no cache) and the batching engine.
 `lora` (optional, relaxed recursive models): a mapping projection name -> module whose output is
 added to that projection's (see recursa.model.lora); None runs the plain weights.
 `fuse()` (Attention, MLP, Block; inference only) replaces q/k/v by one `qkv_proj` and gate/up by
