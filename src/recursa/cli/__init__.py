@@ -35,6 +35,12 @@ def add_precision_args(p) -> None:
                         "model's int4.safetensors (GGUF Q4_1 blocks, `models fetch --keep-int4`) when present")
 
 
+def add_compile_arg(p) -> None:
+    """--compile (EngineConfig.compile), for commands that run the engine."""
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each span (faster decode after minutes of compilation on a CPU)")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (and where to look) instead of the whole usage block."""
 

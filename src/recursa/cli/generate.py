@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from recursa.cli import add_precision_args, positive_int
+from recursa.cli import add_compile_arg, add_precision_args, positive_int
 from recursa.model.confidence import CHOICES as MEASURE_CHOICES
 from recursa.engine.config import EXIT_STRATEGIES as STRATEGIES
 from recursa.errors import RecursaError
@@ -65,6 +65,7 @@ def register(sub) -> None:
                         "state, or the model's learned exit classifier (recursa train-exit-classifier)")
     e.add_argument("--max-draft", type=positive_int, default=4, help="speculative: drafts per verification (default 4)")
     p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
+    add_compile_arg(p)
     add_precision_args(p)
     p.set_defaults(func=run)
 
@@ -127,7 +128,7 @@ def run(args) -> int:
     _check_length(args, model, tokenizer, texts)
     exit_policy = _exit_policy(args, model) if args.exit_strategy is not None else None
     strategy = dict(exit_strategy=args.exit_strategy, max_draft=args.max_draft) if exit_policy is not None else {}
-    llm = LLM(model, tokenizer, exit_policy=exit_policy, **strategy)
+    llm = LLM(model, tokenizer, exit_policy=exit_policy, compile=args.compile, **strategy)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0,
                             seed=args.seed, max_tokens=args.max_tokens)
     headers = [f"> {p}\n" if args.chat else p for p in args.prompt]

@@ -17,7 +17,7 @@ import os
 import signal
 from pathlib import Path
 
-from recursa.cli import positive_int
+from recursa.cli import add_compile_arg, positive_int
 from recursa.model.confidence import CHOICES as MEASURE_CHOICES
 from recursa.engine.config import POLICIES
 from recursa.errors import RecursaError
@@ -59,6 +59,7 @@ def register(sub) -> None:
     e.add_argument("--exit-threshold-kind", choices=("fixed", "calm", "free"), default="fixed")
     e.add_argument("--exit-measure", choices=MEASURE_CHOICES, default="max_prob")
     p.add_argument("--threads", type=positive_int, help="CPU intra-op threads")
+    add_compile_arg(p)
     p.set_defaults(func=run)
 
 
@@ -87,7 +88,7 @@ def run(args) -> int:
     exit_policy = _exit_policy(args, model) if args.exit_strategy else None
     llm = LLM(model, load_tokenizer(directory), exit_policy=exit_policy, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              kv_cache_memory=args.kv_cache_memory_bytes, policy=args.policy)
+              kv_cache_memory=args.kv_cache_memory_bytes, policy=args.policy, compile=args.compile)
     template = ChatTemplate.from_dir(directory)
     name = args.served_model_name or directory.resolve().name
     app = build_app(llm, model_name=name, chat_template=template,
