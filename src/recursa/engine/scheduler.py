@@ -11,6 +11,9 @@ KV memory: a chunk's blocks are allocated at every depth when it enters. A waiti
 admitted only if its first chunk fits (admission control); a running request that cannot grow
 preempts the most recently admitted other request (its blocks are freed and it is recomputed
 from its prompt + output so far when readmitted), or is preempted itself if it is the latest.
+Under recursion-wise caching (recursion_kv.py) the same calls account each recursion step: a
+chunk's room in step r's table is promised when it enters and handed out only to the tokens that
+reach step r, so admission never over-commits and a shallow request holds no deep blocks.
 """
 from __future__ import annotations
 
