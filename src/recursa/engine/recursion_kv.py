@@ -199,6 +199,7 @@ class RecursionKVCache(KVCacheManager):
         units = torch.tensor([t.units + [0] * (nb * width - len(t.units)) for t in tabs]).view(len(tabs), nb, width)
         e = torch.arange(w)
         slots = (units[:, e // self.block_size] * self.block_size + (e % self.block_size)[None, :, None]).permute(2, 0, 1)
+        slots = slots.contiguous()                                    # [L, B, W]: a row per layer
         keys = torch.where(e[None] < counts[:, None], self.entry_pos[slots[0]], EMPTY)
         sizes = torch.tensor([s.n_in_flight for s in seqs])
         first = torch.arange(len(seqs)) * w + counts - sizes          # flat index of each request's first new entry
