@@ -79,6 +79,8 @@ class RecursionKVCache(KVCacheManager):
         self.tables: dict[int, list[RegionTable]] = {}   # id(seq) -> one table per region
         self.promise: dict[int, int] = {}   # id(seq) -> layer blocks its chunk may still take in steps >= 1
         self.promised = 0                   # their sum: never more than the free blocks
+        self.region_entries = [0] * len(regions)    # entries appended per region over the engine's life
+        self.region_reserved = [0] * len(regions)   # bytes of the blocks handed out per region
 
     @classmethod
     def for_model(cls, model, **kwargs) -> "RecursionKVCache":
@@ -170,11 +172,13 @@ class RecursionKVCache(KVCacheManager):
             if need:
                 tab.units.extend(self.free_blocks.pop() for _ in range(need))
                 self.reserved_bytes += need * self.block_size * self.entry_bytes
+                self.region_reserved[region] += need * self.block_size * self.entry_bytes
                 self.version += 1
             e = torch.arange(tab.count, tab.count + n)
             first = torch.tensor(tab.units[0::width])       # each block's layer block at the region's first depth
             self.entry_pos[first[e // self.block_size] * self.block_size + e % self.block_size] = positions
         tab.count += n
+        self.region_entries[region] += n
 
     def free(self, seq: Sequence) -> None:
         self._set_promise(seq, 0)
