@@ -111,3 +111,18 @@ def test_a_router_that_skips_step_0_is_caught():
     a.set_tokens(torch.tensor([0, 2]), None)
     with pytest.raises(RuntimeError, match="tokens in flight"):
         kv.span_view([a])
+
+
+def test_a_span_group_mixes_recursion_steps():
+    """Continuous depth-wise batching runs step 0 of one request with step 1 of another (same
+    weights): each row reads its own step's table."""
+    kv = _kv()
+    a, b = Sequence("a", [1] * 3, SamplingParams()), Sequence("b", [1] * 5, SamplingParams())
+    _chunk(kv, a, 3)
+    _chunk(kv, b, 5)
+    a.depth = 1                                                # a's chunk at step 0: every token
+    _at_step1(b, [2, 4])
+    slots, keys, new = kv.span_view([a, b])
+    assert keys.tolist() == [[0, 1, 2], [2, 4, EMPTY]]
+    assert torch.equal(new[:, :3], slots[:, 0]) and torch.equal(new[:, 3:], slots[:, 1, :2])
+    assert not set(slots[:, 0].reshape(-1).tolist()) & set(slots[:, 1, :2].reshape(-1).tolist())

@@ -12,9 +12,10 @@ all of them.
 Memory is one pool of *layer blocks* (`block_size` slots of one cache layer) with one free list.
 Block b of a region table is L layer blocks, one per depth of the region, so entry e at the
 region's j-th depth lives at slot `units[b * L + j] * block_size + e % block_size`, b = e // block_size.
-Beside each entry the pool keeps the position it holds (`entry_pos`, at the region's first
-depth); attention masks a key by entry < count (no stale tail of a reused block, no padding) and
-position <= the query's position.
+Beside each entry of a recursion step >= 1 the pool keeps the position it holds (`entry_pos`, at
+the step's first depth; in the regions every token runs, entry e holds position e); attention
+masks a key by entry < count (no stale tail of a reused block, no padding) and position <= the
+query's position.
 
 Allocation: the regions every token of a chunk runs (region 0 and step 0: the routers send every
 token through step 0) take their entries when the chunk is admitted (`allocate`, as in the dense
@@ -133,15 +134,13 @@ class RecursionKVCache(KVCacheManager):
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Entries for positions num_cached..num_tokens-1 in the regions every token runs; room in the
         deeper steps promised (the caller checked can_allocate(blocks_needed(..)))."""
-        if self.blocks_needed(seq, num_tokens) > len(self.free_blocks) - self.promised:
-            raise RuntimeError(f"allocate({seq.request_id}) without free blocks")
-        positions = torch.arange(seq.num_cached, num_tokens)
+        n = num_tokens - seq.num_cached
         tabs = self._tables(seq)
         self._set_promise(seq, 0)
         for i in range(self.EAGER):
-            self._append(tabs[i], i, positions)
-        self._set_promise(seq, self._worst(tabs, len(positions), self.EAGER))
-        self.num_positions += len(positions)
+            self._append(tabs[i], i, n)
+        self._set_promise(seq, self._worst(tabs, n, self.EAGER))
+        self.num_positions += n
 
     def place(self, seq: Sequence) -> None:
         """Append seq's in-flight tokens to the table of the recursion step they are about to run
@@ -157,14 +156,15 @@ class RecursionKVCache(KVCacheManager):
         if tab.chunk == seq.chunk_start:
             return
         self._set_promise(seq, 0)
-        self._append(tab, i, seq.positions)
+        self._append(tab, i, seq.n_in_flight, seq.positions)
         tab.chunk = seq.chunk_start
         self._set_promise(seq, self._worst(tabs, seq.n_in_flight, i + 1))
         if self.promised > len(self.free_blocks):
             raise RuntimeError(f"request {seq.request_id} took more than its promised KV room at depth {seq.depth}")
 
-    def _append(self, tab: RegionTable, region: int, positions: torch.Tensor) -> None:
-        width, n = self.widths[region], len(positions)
+    def _append(self, tab: RegionTable, region: int, n: int, positions: torch.Tensor | None = None) -> None:
+        """n entries at the end of tab (holding `positions`; None: the regions where entry = position)."""
+        width = self.widths[region]
         if width and n:
             need = self._grow(tab, width, tab.count + n)
             if need > len(self.free_blocks):
@@ -174,9 +174,13 @@ class RecursionKVCache(KVCacheManager):
                 self.reserved_bytes += need * self.block_size * self.entry_bytes
                 self.region_reserved[region] += need * self.block_size * self.entry_bytes
                 self.version += 1
-            e = torch.arange(tab.count, tab.count + n)
-            first = torch.tensor(tab.units[0::width])       # each block's layer block at the region's first depth
-            self.entry_pos[first[e // self.block_size] * self.block_size + e % self.block_size] = positions
+            if positions is not None and n == 1:   # a decode token: no tensor ops
+                unit = tab.units[tab.count // self.block_size * width]
+                self.entry_pos[unit * self.block_size + tab.count % self.block_size] = int(positions[0])
+            elif positions is not None:
+                e = torch.arange(tab.count, tab.count + n)
+                first = torch.tensor(tab.units[0::width])   # each block's layer block at the region's first depth
+                self.entry_pos[first[e // self.block_size] * self.block_size + e % self.block_size] = positions
         tab.count += n
         self.region_entries[region] += n
 
@@ -195,21 +199,31 @@ class RecursionKVCache(KVCacheManager):
         in-flight tokens' own entries [L, N] (their table's last entries)."""
         for s in seqs:
             self.place(s)
-        tabs = [self.tables[id(s)][self.region_of[s.depth]] for s in seqs]
-        width = self.widths[self.region_of[seqs[0].depth]]
-        counts = torch.tensor([t.count for t in tabs])
-        w = int(counts.max())
-        nb = -(-w // self.block_size)
+        regions = [self.region_of[s.depth] for s in seqs]   # a span group may mix recursion steps
+        width, bs = self.widths[regions[0]], self.block_size
+        tabs = [self.tables[id(s)][r] for s, r in zip(seqs, regions)]
+        counts = [t.count for t in tabs]
+        w = max(counts)
+        nb = -(-w // bs)
         units = torch.tensor([t.units + [0] * (nb * width - len(t.units)) for t in tabs]).view(len(tabs), nb, width)
         e = torch.arange(w)
-        slots = (units[:, e // self.block_size] * self.block_size + (e % self.block_size)[None, :, None]).permute(2, 0, 1)
-        slots = slots.contiguous()                                    # [L, B, W]: a row per layer
-        keys = torch.where(e[None] < counts[:, None], self.entry_pos[slots[0]], EMPTY)
-        sizes = torch.tensor([s.n_in_flight for s in seqs])
-        first = torch.arange(len(seqs)) * w + counts - sizes          # flat index of each request's first new entry
-        starts = torch.cumsum(sizes, 0) - sizes
-        idx = torch.repeat_interleave(first - starts, sizes) + torch.arange(int(sizes.sum()))
+        slots = (units.permute(2, 0, 1)[:, :, e // bs] * bs + e % bs).contiguous()   # [L, B, W]
+        counts_t = torch.tensor(counts)
+        if min(regions) >= self.EAGER:
+            keys = self.entry_pos[slots[0]]
+        elif max(regions) < self.EAGER:
+            keys = e[None]
+        else:
+            keys = torch.where(torch.tensor(regions)[:, None] >= self.EAGER, self.entry_pos[slots[0]], e[None])
+        keys = torch.where(e[None] < counts_t[:, None], keys, EMPTY)
+        sizes = [s.n_in_flight for s in seqs]
+        first = torch.arange(len(seqs)) * w + counts_t                      # flat index past each request's entries
+        if max(sizes) == 1:   # decode tokens: each holds its table's last entry
+            idx = first - 1
+        else:
+            sizes_t = torch.tensor(sizes)
+            ends = torch.cumsum(sizes_t, 0)
+            idx = torch.repeat_interleave(first - ends, sizes_t) + torch.arange(int(ends[-1]))
         return slots, keys, slots.reshape(width, -1)[:, idx]
-
 
 __all__ = ["RecursionKVCache", "RegionTable", "mor_regions", "EMPTY"]
