@@ -148,3 +148,21 @@ def test_engine_mor_compact_kv_runs_more_requests_at_once():
         with torch.no_grad():
             logits, _ = model.forward_mor(torch.tensor([ids[:-1]]), mode="causal")
         assert done[str(i)].token_ids == logits[0, prompt_len - 1:].argmax(-1).tolist(), f"request {i}"
+
+
+def test_engine_mor_progress_order_keeps_runs_full():
+    """At a binding token budget the depth-wise policy fills each run with the requests that have
+    generated least (engine/policy.py): fewer stage runs than filling in admission order, which lets
+    the first requests finish early and leaves part-empty runs for the rest; same outputs."""
+    model = _model("expert", "recursion", "middle_cycle")
+    prompts = [[(7 * i + 3 * j) % 250 + 1 for j in range(4 + i % 3)] for i in range(32)]
+    runs, tokens = [], []
+    for admission_order in (False, True):
+        llm = recursa.LLM(model, max_num_batched_tokens=8)
+        if admission_order:
+            llm.scheduler.policy.run_order = lambda seqs: seqs
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        runs.append(llm.stats()["stage_runs"])
+        tokens.append([o.token_ids for o in outs])
+    assert tokens[0] == tokens[1]
+    assert runs[0] < 0.95 * runs[1]

@@ -116,7 +116,7 @@ class Scheduler:
         if not groups:
             return []
         chosen, budget = [], self.max_num_batched_tokens
-        for seq in groups[self.policy.pick(groups)]:
+        for seq in self.policy.run_order(groups[self.policy.pick(groups)]):
             if chosen and seq.chunk_len > budget:
                 continue   # first fit: a smaller chunk further on may still fill the run
             chosen.append(seq)
