@@ -35,6 +35,8 @@ def test_fullest_and_synchronous():
 
 
 def test_depthwise_fills_a_run_with_the_requests_that_generated_least():
-    a, b, c, d = _Seq(1, generated=7), _Seq(3, generated=2), _Seq(1, generated=7), _Seq(5, generated=0)
-    assert DepthwisePolicy(KEYS, token_budget=4).run_order([a, b, c, d]) == [d, b, a, c]   # ties: admission order
-    assert FullestPolicy().run_order([a, b, c, d]) == [a, b, c, d]
+    a, b, c, d, e = (_Seq(1, generated=9), _Seq(1, generated=7), _Seq(3, generated=2), _Seq(1, generated=7),
+                     _Seq(5, generated=0))
+    # the earliest admitted first (it never starves), then the least advanced; ties keep admission order
+    assert DepthwisePolicy(KEYS, token_budget=4).run_order([a, b, c, d, e]) == [a, e, c, b, d]
+    assert FullestPolicy().run_order([a, b, c, d, e]) == [a, b, c, d, e]
