@@ -47,7 +47,7 @@ def run(model, ids, new_tokens, name, **llm_args) -> tuple[dict, list[int]]:
     llm = LLM(model, **llm_args)
     llm.generate([ids[0]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))   # warm-up
     llm.runner.num_span_runs = llm.runner.num_stage_runs = llm.runner.num_stage_tokens = llm.runner.num_head_tokens = 0
-    llm.kv.entries_written = llm.num_output_tokens = llm.sum_exit_depth = 0
+    llm.kv.entries_written = llm.kv.num_positions = llm.kv.reserved_bytes = llm.num_output_tokens = llm.sum_exit_depth = 0
     times = {str(i): [] for i in range(len(ids))}
     depths: list[int] = []
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def run(model, ids, new_tokens, name, **llm_args) -> tuple[dict, list[int]]:
     tokens = sum(len(p) for p in ids) + len(ids) * (new_tokens - 1)   # positions that entered the model
     row.update(mean_depth=sum(depths) / len(depths), stage_runs=st["stage_runs"],
                tokens_per_stage_run=st["tokens_per_stage_run"],
-               passes=st["stage_tokens"] + st["head_tokens"], kv_reserved_bytes_per_token=st["kv_bytes_per_token"],
+               passes=st["stage_tokens"] + st["head_tokens"], kv_reserved_bytes_per_token=st["kv_reserved_bytes_per_token"],
                kv_written_bytes_per_token=st["kv_entries_written"] * llm.kv.entry_bytes / tokens)
     return row, depths
 
@@ -160,11 +160,12 @@ def main() -> None:
         r["realised_speedup"] = r["output_tok_s"] / base["output_tok_s"]
         r["fraction_of_ideal"] = r["realised_speedup"] / r["ideal_speedup"]
 
-    header = ["run", "tok/s", "TTFT p50", "TPOT p50", "depth", "passes", "tok/run", "KV B/tok", "ideal", "real", "%ideal"]
+    header = ["run", "tok/s", "TTFT p50", "TPOT p50", "depth", "passes", "runs", "tok/run", "KV B/tok", "ideal", "real",
+              "%ideal"]
     print(f"{header[0]:<28}" + "".join(f"{h:>10}" for h in header[1:]))
     for r in rows:
         cells = [f"{r['output_tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f}ms", f"{r['tpot_p50_ms']:.1f}ms",
-                 f"{r['mean_depth']:.2f}", f"{r['passes']}", f"{r['tokens_per_stage_run']:.1f}",
+                 f"{r['mean_depth']:.2f}", f"{r['passes']}", f"{r['stage_runs']}", f"{r['tokens_per_stage_run']:.1f}",
                  f"{r['kv_written_bytes_per_token']:.0f}", f"{r['ideal_speedup']:.2f}x",
                  f"{r['realised_speedup']:.2f}x", f"{r['fraction_of_ideal']:.0%}"]
         print(f"{r['run']:<28}" + "".join(f"{c:>10}" for c in cells))

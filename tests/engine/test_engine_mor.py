@@ -112,7 +112,8 @@ def test_engine_mor_preemption_keeps_outputs(router, kv, sharing):
     (their prefill re-routes every token), and outputs stay those of the full forward."""
     model = _model(router, kv, sharing)
     per_token = recursa.LLM(model, kv_cache_memory=2**20).kv.kv_bytes_per_token
-    llm = recursa.LLM(model, block_size=4, kv_cache_memory=16 * 4 * per_token, max_num_seqs=3,
+    groups = 10 if kv == "recursion" else 16   # recursion-wise caching holds less: a smaller pool to run short
+    llm = recursa.LLM(model, block_size=4, kv_cache_memory=groups * 4 * per_token, max_num_seqs=3,
                       max_num_batched_tokens=12)
     record = {}
     outs = _run(llm, record)
@@ -121,3 +122,47 @@ def test_engine_mor_preemption_keeps_outputs(router, kv, sharing):
             logits, _ = model.forward_mor(torch.tensor([PROMPTS[r] + out.token_ids[:-1]]), mode="causal")
         assert out.token_ids == logits[0, len(PROMPTS[r]) - 1:].argmax(-1).tolist(), f"request {r}"
     assert llm.stats()["preemptions"] > 0
+
+
+def test_engine_mor_compact_kv_runs_more_requests_at_once():
+    """At a fixed KV budget recursion-wise caching runs more requests at once than a cache that
+    reserves every depth could (each of those holds its prompt's blocks at all depths), and
+    reserves per token about what it writes, far below every depth; outputs stay exact."""
+    model = _model("expert", "recursion", "cycle")
+    per_token = recursa.LLM(model, kv_cache_memory=2**20).kv.kv_bytes_per_token   # all depths
+    bs, groups, prompt_len = 4, 36, 16
+    llm = recursa.LLM(model, block_size=bs, kv_cache_memory=groups * bs * per_token, max_num_batched_tokens=64)
+    prompts = [[(7 * i + 3 * j) % 250 + 1 for j in range(prompt_len)] for i in range(16)]
+    for i, p in enumerate(prompts):
+        llm.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    peak, done = 0, {}
+    while llm.has_unfinished():
+        done.update({o.request_id: o for o in llm.step() if o.finished})
+        peak = max(peak, len(llm.scheduler.running))
+    assert peak > groups // -(-prompt_len // bs)
+    st = llm.stats()
+    assert st["kv_written_bytes_per_token"] <= st["kv_reserved_bytes_per_token"] < 0.75 * per_token
+    assert st["kv_free_blocks"] == st["kv_blocks"]
+    for i, p in enumerate(prompts):
+        ids = p + done[str(i)].token_ids
+        with torch.no_grad():
+            logits, _ = model.forward_mor(torch.tensor([ids[:-1]]), mode="causal")
+        assert done[str(i)].token_ids == logits[0, prompt_len - 1:].argmax(-1).tolist(), f"request {i}"
+
+
+def test_engine_mor_progress_order_keeps_runs_full():
+    """At a binding token budget the depth-wise policy fills each run with the requests that have
+    generated least (engine/policy.py): fewer stage runs than filling in admission order, which lets
+    the first requests finish early and leaves part-empty runs for the rest; same outputs."""
+    model = _model("expert", "recursion", "middle_cycle")
+    prompts = [[(7 * i + 3 * j) % 250 + 1 for j in range(4 + i % 3)] for i in range(32)]
+    runs, tokens = [], []
+    for admission_order in (False, True):
+        llm = recursa.LLM(model, max_num_batched_tokens=8)
+        if admission_order:
+            llm.scheduler.policy.run_order = lambda seqs: seqs
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        runs.append(llm.stats()["stage_runs"])
+        tokens.append([o.token_ids for o in outs])
+    assert tokens[0] == tokens[1]
+    assert runs[0] < 0.95 * runs[1]

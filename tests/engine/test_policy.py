@@ -4,8 +4,9 @@ from recursa.engine.policy import DepthwisePolicy, FullestPolicy, SynchronousPol
 
 
 class _Seq:
-    def __init__(self, depth, n=1):
+    def __init__(self, depth, n=1, generated=0):
         self.depth, self.chunk_len, self.in_flight = depth, n, True
+        self.num_prompt_tokens, self.num_tokens = 5, 5 + generated
 
 
 # a middle-cycle model: depth 0 prelude (stage 0), shared stages 1, 2 looped 3 times, coda stage 3
@@ -31,3 +32,11 @@ def test_fullest_and_synchronous():
     assert FullestPolicy().pick(groups) == 1
     assert SynchronousPolicy().pick(groups) == 0
     assert not SynchronousPolicy().admit([_Seq(3)]) and FullestPolicy().admit([_Seq(3)])
+
+
+def test_depthwise_fills_a_run_with_the_requests_that_generated_least():
+    a, b, c, d, e = (_Seq(1, generated=9), _Seq(1, generated=7), _Seq(3, generated=2), _Seq(1, generated=7),
+                     _Seq(5, generated=0))
+    # the earliest admitted first (it never starves), then the least advanced; ties keep admission order
+    assert DepthwisePolicy(KEYS, token_budget=4).run_order([a, b, c, d, e]) == [a, e, c, b, d]
+    assert FullestPolicy().run_order([a, b, c, d, e]) == [a, b, c, d, e]

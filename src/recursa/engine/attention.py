@@ -11,8 +11,9 @@ positions <= its own. All of it is tensor indexing: no Python loop over tokens.
 cache slots): it is built once per span run and reused at every depth of the span. `attend(...)`
 gives the `attend(q, k, v)` callable a model stage takes for one depth: it writes the new keys/
 values through the KV manager and attends to the request's cache. Where a depth reads another
-depth's cache (MoR KV sharing) the stage passes k = v = None and only reads; under
-recursion-wise caching the mask also drops slots with no entry.
+depth's cache (MoR KV sharing) the stage passes k = v = None and only reads. Under recursion-wise
+caching (recursion_kv.py) a request's keys are its compact table's entries for the span's
+recursion step, masked by the position each entry holds, and every depth has its own slots.
 """
 from __future__ import annotations
 
@@ -33,17 +34,24 @@ class PagedBatch:
         tmax = max(self.sizes)
         self.decode = tmax == 1                                                   # one token per request
         packed = torch.cat([s.positions for s in seqs]) if len(seqs) > 1 else seqs[0].positions   # [N] host
-        kv_len = int(packed.max()) + 1
-        slots = kv.slots([s.block_table for s in seqs], kv_len)                  # [B, Smax] host
+        self.per_layer = kv.compact   # recursion-wise caching: a slot tensor per layer, keys by entry position
+        if self.per_layer:
+            slots, keys, self.new_slots = kv.span_view(seqs)                      # [L, B, W], [B, W], [L, N]
+        else:
+            kv_len = int(packed.max()) + 1
+            slots = kv.slots([s.block_table for s in seqs], kv_len)              # [B, Smax] host
+            keys = torch.arange(kv_len)[None]                                     # key positions [1, Smax]
+        kv_len = keys.shape[-1]
         # decode over a dense cache on the CPU: recursa's kernel reads the cache where it lies
-        self.in_place = self.decode and kv.filled is None and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype)
+        self.in_place = (self.decode and not self.per_layer
+                         and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype))
         if self.decode:
             self.valid = self.pad_index = self.unpad = None
             self.lens = (packed + 1).to(device) if self.in_place else None            # keys per request
             qpos = packed[:, None]                                                # [B, 1]
-            keys = torch.arange(kv_len)
-            mask = keys[None, :] <= qpos                                          # [B, Smax]
-            self.new_slots = slots.gather(1, qpos)[:, 0]
+            mask = keys <= qpos                                                   # [B, Smax]
+            if not self.per_layer:
+                self.new_slots = slots.gather(1, qpos)[:, 0]
         else:
             lens = torch.tensor(self.sizes)
             t = torch.arange(tmax)
@@ -51,9 +59,9 @@ class PagedBatch:
             offsets = torch.cumsum(lens, 0) - lens
             pad_index = torch.where(valid, offsets[:, None] + t[None, :], 0)     # packed index of (b, t)
             qpos = torch.where(valid, packed[pad_index], 0)                       # padded queries: position 0
-            keys = torch.arange(kv_len)
-            mask = (keys[None, None, :] <= qpos[:, :, None]) | ~valid[:, :, None]   # pad rows see all
-            self.new_slots = slots.gather(1, qpos)[valid]
+            mask = (keys[:, None, :] <= qpos[:, :, None]) | ~valid[:, :, None]    # pad rows see all
+            if not self.per_layer:
+                self.new_slots = slots.gather(1, qpos)[valid]
             self.valid, self.pad_index = valid.to(device), pad_index.to(device)
             self.unpad = valid.view(-1).nonzero()[:, 0].to(device)                 # flat (b, t) of each token
         # [B, 1, Tmax, Smax]; a lone decode token sees every cached key: no mask at all
@@ -65,6 +73,8 @@ class PagedBatch:
 
     def shifted(self, offsets: list[int]):
         """(slots [B, Smax], new slots [N]) at the cache layers `offsets` (one slot offset per request)."""
+        if self.per_layer:   # recursion-wise caching: offsets are the (equal) layer index inside the region
+            return self.slots[offsets[0]], self.new_slots[offsets[0]]
         if min(offsets) == max(offsets):
             return self.slots + offsets[0], self.new_slots + offsets[0]
         shift = torch.tensor(offsets, device=self.device)
@@ -85,16 +95,8 @@ def attend(batch: PagedBatch, kv: KVCacheManager, offsets: list[int], gqa: bool)
             out = kernel(q[0].transpose(0, 1), kv.k, kv.v, batch.slots if same else slots, offsets[0] if same else 0,
                          batch.lens)                                              # [B, H, hd]
             return out.transpose(0, 1)[None]
-        keys, values, present = kv.read(slots)
+        keys, values = kv.read(slots)
         mask = batch.mask
-        if present is not None:   # recursion-wise caching: tokens that skipped this step left no entry
-            present = present[:, None, None, :]                                   # [B, 1, 1, Smax]
-            if mask is None:
-                mask = present
-            elif batch.valid is None:
-                mask = mask & present
-            else:                 # padded query rows keep seeing every key (no all-masked row)
-                mask = mask & (present | ~batch.valid[:, None, :, None])
         if batch.decode:                                                          # [B, H, 1, hd], no copy
             out = F.scaled_dot_product_attention(q[0].transpose(0, 1)[:, :, None], keys, values,
                                                  attn_mask=mask, enable_gqa=gqa)

@@ -8,9 +8,9 @@ table serves every depth, and a span run turns it into slots with one add per de
 
 Model KV strategies (DESIGN, "Mixture-of-Recursions"): normally every depth has its own cache
 layer; under recursive KV sharing the depths of loops >= 1 read loop 0's (`cache_layer_of`),
-so only the distinct ones get memory. Under recursion-wise caching (`recursion_wise`) a token
-that skipped a recursion step writes nothing there: `filled` marks the slots that hold a real
-entry, `read` reports them and attention masks the rest.
+so only the distinct ones get memory. Recursion-wise caching (a token that skipped a recursion
+step has no entry there) has its own manager, which reserves only the entries it writes:
+recursion_kv.RecursionKVCache, a subclass with compact per-(request, step) tables (`compact`).
 
 The manager alone writes the cache (`write`), counts what was written, and bumps `version`
 whenever a block table changes. The byte budget fixes the number of groups; the scheduler asks
@@ -25,9 +25,11 @@ from recursa.errors import RecursaError
 
 
 class KVCacheManager:
+    compact = False   # recursion_kv.RecursionKVCache: per-layer slots from compact tables, placed per span
+
     def __init__(self, model_depth: int, n_kv_heads: int, head_dim: int, *, block_size: int, memory_bytes: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 cache_layer_of: list[int] | None = None, recursion_wise: bool = False):
+                 cache_layer_of: list[int] | None = None):
         sources = list(cache_layer_of) if cache_layer_of is not None else list(range(model_depth))
         layers = sorted(set(sources))
         self.cache_layer_of = [layers.index(c) for c in sources]   # depth -> cache layer
@@ -40,12 +42,15 @@ class KVCacheManager:
             raise RecursaError(f"KV cache memory of {memory_bytes} bytes is less than one block "
                                f"({block_size} tokens x {self.kv_bytes_per_token} bytes over all depths)")
         self.group_slots = self.num_cache_layers * block_size
-        shape = (self.num_blocks * self.group_slots, n_kv_heads, head_dim)
+        self._init_pool(self.num_blocks * self.group_slots, n_kv_heads, head_dim, dtype, device)
+
+    def _init_pool(self, num_slots: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
         # zeros, not empty: padded attention reads (masked) slots, and 0 * NaN would poison the output
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.filled = torch.zeros(shape[0], dtype=torch.bool, device=device) if recursion_wise else None
+        self.k = torch.zeros((num_slots, n_kv_heads, head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
         self.entries_written = 0   # token entries written over the engine's life (KV bytes actually used)
+        self.num_positions = 0     # token positions given KV over the engine's life
+        self.reserved_bytes = 0    # bytes of the blocks handed out over the engine's life (block tails included)
         self.free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out 0, 1, ...
         self.version = 0   # changes exactly when some block table changes
 
@@ -56,6 +61,16 @@ class KVCacheManager:
     @property
     def memory_bytes(self) -> int:
         return self.num_blocks * self.block_size * self.kv_bytes_per_token
+
+    @property
+    def reserved_bytes_per_token(self) -> float:
+        """KV bytes reserved per token position that entered the model (block tails included)."""
+        return self.reserved_bytes / self.num_positions if self.num_positions else 0.0
+
+    @property
+    def written_bytes_per_token(self) -> float:
+        """KV bytes written per token position that entered the model."""
+        return self.entries_written * self.entry_bytes / self.num_positions if self.num_positions else 0.0
 
     @property
     def usage(self) -> float:
@@ -78,13 +93,11 @@ class KVCacheManager:
         need = self.blocks_needed(seq, num_tokens)
         if need > len(self.free_blocks):
             raise RuntimeError(f"allocate({seq.request_id}) without free blocks: need {need}")
+        self.num_positions += num_tokens - seq.num_cached
         if not need:
             return
-        new = [self.free_blocks.pop() for _ in range(need)]
-        seq.block_table.extend(new)
-        if self.filled is not None:   # a reused block must not show its previous owner's entries
-            idx = (torch.tensor(new)[:, None] * self.group_slots + torch.arange(self.group_slots)).view(-1)
-            self.filled[idx.to(self.filled.device)] = False
+        seq.block_table.extend(self.free_blocks.pop() for _ in range(need))
+        self.reserved_bytes += need * self.block_size * self.kv_bytes_per_token
         self.version += 1
 
     def free(self, seq: Sequence) -> None:
@@ -113,14 +126,11 @@ class KVCacheManager:
         self.k.index_copy_(0, slots, k)
         self.v.index_copy_(0, slots, v)
         self.entries_written += len(slots)
-        if self.filled is not None:
-            self.filled[slots] = True
 
     def read(self, slots: torch.Tensor):
-        """Keys, values [B, Hkv, S, hd] at slots [B, S], and which slots hold an entry ([B, S] bool, or
-        None when every slot a request's table covers does)."""
+        """Keys, values [B, Hkv, S, hd] at slots [B, S]."""
         shape = (*slots.shape, *self.k.shape[1:])
         flat = slots.view(-1)    # index_select: ~5x faster than k[slots]
         keys = self.k.index_select(0, flat).view(shape).permute(0, 2, 1, 3)
         values = self.v.index_select(0, flat).view(shape).permute(0, 2, 1, 3)
-        return keys, values, None if self.filled is None else self.filled[slots]
+        return keys, values

@@ -34,6 +34,7 @@ from recursa.engine.model_runner import ModelRunner
 from recursa.engine.output_processor import OutputProcessor
 from recursa.engine.outputs import RequestOutput
 from recursa.engine.policy import make_policy
+from recursa.engine.recursion_kv import RecursionKVCache
 from recursa.engine.sampling import sample_rows_isolated
 from recursa.engine.sampling_params import SamplingParams
 from recursa.engine.scheduler import Scheduler
@@ -67,13 +68,16 @@ class LLMEngine:
             raise RecursaError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
         weight = model.embed_tokens.weight
         # KV strategy: a depth reads its own cache, or (recursive KV sharing) loop 0's; recursion-wise
-        # caching leaves the entries of tokens that skipped a step empty
+        # caching keeps entries only for the tokens that ran a step (recursion_kv.py)
         kv_source = [model.kv_source(d) for d in range(model.depth)]
         per_token = 2 * cfg.n_kv_heads * cfg.head_dim * weight.element_size() * len(set(kv_source))
         memory = config.kv_cache_memory or min(DEFAULT_KV_MEMORY, config.max_num_seqs * self.max_model_len * per_token)
-        self.kv = KVCacheManager(model.depth, cfg.n_kv_heads, cfg.head_dim, block_size=config.block_size,
-                                 memory_bytes=memory, dtype=weight.dtype, device=weight.device,
-                                 cache_layer_of=kv_source, recursion_wise=cfg.is_mor and cfg.mor_kv == "recursion")
+        if cfg.is_mor and cfg.mor_kv == "recursion":   # compact per-step tables: reserve only what is written
+            self.kv = RecursionKVCache.for_model(model, block_size=config.block_size, memory_bytes=memory)
+        else:
+            self.kv = KVCacheManager(model.depth, cfg.n_kv_heads, cfg.head_dim, block_size=config.block_size,
+                                     memory_bytes=memory, dtype=weight.dtype, device=weight.device,
+                                     cache_layer_of=kv_source)
         self.runner = ModelRunner(model, self.kv, config.compile)
         eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.output_processor = OutputProcessor(tokenizer, eos_id, self.max_model_len)
@@ -212,6 +216,8 @@ class LLMEngine:
             "kv_entries_written": self.kv.entries_written,
             "preemptions": self.scheduler.num_preemptions,
             "kv_bytes_per_token": self.kv.kv_bytes_per_token,
+            "kv_reserved_bytes_per_token": self.kv.reserved_bytes_per_token,
+            "kv_written_bytes_per_token": self.kv.written_bytes_per_token,
             "kv_blocks": self.kv.num_blocks,
             "kv_free_blocks": self.kv.num_free_blocks,
             "kv_usage": self.kv.usage,

@@ -15,7 +15,14 @@ they are the same.
   and the old ones at loop 2, a request whose token stopped early starts its next token while
   others still loop, and depths with nobody waiting are skipped. When the token budget binds
   (stages with a budget's worth of tokens waiting), the sweep visits only those, so every run
-  is full; when it does not, a sweep costs no more runs than a synchronous round.
+  is full; when it does not, a sweep costs no more runs than a synchronous round. Within the
+  stage it runs, the earliest admitted request and then those that have generated the fewest
+  tokens go first (`run_order`; the scheduler fills the run by first fit in that order; the
+  earliest goes first so that no request starves): the runs of any admission order are
+  equally full while many requests wait, but the order decides who is left behind — admission
+  order lets the first requests race ahead and finish early, leaving a long tail of part-empty
+  runs for the rest; progress order keeps the requests together, so runs stay full to the end
+  (the demo MoR model at a 32-token budget: 956 stage runs instead of 1,142, 98% of the ideal).
 - FullestPolicy ("fullest"): always run the stage with the most waiting tokens (ties: the
   deepest). The obvious greedy rule; it fragments the batch, because a token that leaves a
   crowded stage starts a new small group behind it.
@@ -40,6 +47,10 @@ class StagePolicy(ABC):
     def pick(self, groups: dict[int, list[Sequence]]) -> int:
         """The stage key whose waiting tokens run next (groups is non-empty)."""
 
+    def run_order(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The picked stage's requests in the order the scheduler fills the run (default: admission)."""
+        return seqs
+
 
 class DepthwisePolicy(StagePolicy):
     def __init__(self, stage_keys: list[int], token_budget: int):
@@ -62,6 +73,11 @@ class DepthwisePolicy(StagePolicy):
                 self.last = i
                 return self.order[i]
         raise ValueError("no waiting stage group")
+
+    def run_order(self, seqs):
+        # the earliest admitted first, as in admission order: it always gets in, so none starves (a chunk too big
+        # for what a run has left would otherwise wait for ever behind newer ones); then the least advanced
+        return seqs[:1] + sorted(seqs[1:], key=lambda s: s.num_tokens - s.num_prompt_tokens)   # stable sort
 
 
 class FullestPolicy(StagePolicy):

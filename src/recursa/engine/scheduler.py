@@ -11,6 +11,9 @@ KV memory: a chunk's blocks are allocated at every depth when it enters. A waiti
 admitted only if its first chunk fits (admission control); a running request that cannot grow
 preempts the most recently admitted other request (its blocks are freed and it is recomputed
 from its prompt + output so far when readmitted), or is preempted itself if it is the latest.
+Under recursion-wise caching (recursion_kv.py) the same calls account each recursion step: a
+chunk's room in step r's table is promised when it enters and handed out only to the tokens that
+reach step r, so admission never over-commits and a shallow request holds no deep blocks.
 """
 from __future__ import annotations
 
@@ -113,7 +116,7 @@ class Scheduler:
         if not groups:
             return []
         chosen, budget = [], self.max_num_batched_tokens
-        for seq in groups[self.policy.pick(groups)]:
+        for seq in self.policy.run_order(groups[self.policy.pick(groups)]):
             if chosen and seq.chunk_len > budget:
                 continue   # first fit: a smaller chunk further on may still fill the run
             chosen.append(seq)

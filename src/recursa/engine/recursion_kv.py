@@ -1,0 +1,229 @@
+"""Recursion-wise KV caching that reserves only the entries it writes: compact per-step tables.
+
+Under Mixture-of-Recursions recursion-wise caching, recursion step r caches (and attends to) only
+the tokens that ran step r. A dense cache keeps a slot for every (token, depth) and leaves the
+skipped ones empty: it saves no memory. Here each request holds one table per *region* — a set of
+depths that the same tokens run: region 0 is the prelude + coda (every token), region 1 + r the K
+depths of recursion step r — and a region's entries e = 0, 1, .. are the tokens that reached it,
+appended in the order they arrive (a request has one chunk in flight, so that is position order).
+The in-flight tokens of a span always hold the table's last entries; they write them and attend to
+all of them.
+
+Memory is one pool of *layer blocks* (`block_size` slots of one cache layer) with one free list.
+Block b of a region table is L layer blocks, one per depth of the region, so entry e at the
+region's j-th depth lives at slot `units[b * L + j] * block_size + e % block_size`, b = e // block_size.
+Beside each entry of a recursion step >= 1 the pool keeps the position it holds (`entry_pos`, at
+the step's first depth; in the regions every token runs, entry e holds position e); attention
+masks a key by entry < count (no stale tail of a reused block, no padding) and position <= the
+query's position.
+
+Allocation: the regions every token of a chunk runs (region 0 and step 0: the routers send every
+token through step 0) take their entries when the chunk is admitted (`allocate`, as in the dense
+manager). For step r >= 1 the chunk is *promised* room for all its tokens at admission (counted
+against the free blocks by `blocks_needed` / `can_allocate`, so the scheduler's admission and
+preemption stay as they are and a placed token always finds room), but blocks are handed out only
+when tokens are about to run step r (`place`, from `span_view` before the span) and only for
+those tokens; the rest of the promise shrinks to what the survivors could still need. A request
+routed shallow holds no blocks for the steps it skipped, and the blocks it does not hold serve
+other requests: at a fixed byte budget more requests run at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from recursa.engine.kv_cache import KVCacheManager
+from recursa.engine.sequence import Sequence
+from recursa.errors import RecursaError
+
+EMPTY = 2**62   # the position of no entry: no query sees it
+
+
+class RegionTable:
+    """One request's entries in one region: L layer blocks per block of entries, and their count."""
+    __slots__ = ("units", "count", "chunk")
+
+    def __init__(self):
+        self.units: list[int] = []   # layer blocks, L per block of entries (block-major)
+        self.count = 0               # entries held
+        self.chunk = -1              # chunk_start of the chunk whose tokens were placed last (lazy regions)
+
+
+def mor_regions(model) -> list[list[int]]:
+    """Depths of each region of a Mixture-of-Recursions model: [prelude + coda, step 0, step 1, ..]."""
+    st = model.structure()
+    k = len(st.shared_layers)
+    return [list(st.prelude) + list(st.coda)] + [list(st.shared[r * k:(r + 1) * k]) for r in range(st.n_loops)]
+
+
+class RecursionKVCache(KVCacheManager):
+    compact = True
+    EAGER = 2   # regions 0 (prelude + coda) and 1 (step 0) take a chunk's entries at admission
+
+    def __init__(self, regions: list[list[int]], n_kv_heads: int, head_dim: int, *, block_size: int,
+                 memory_bytes: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        depth = sum(map(len, regions))
+        self.region_of, self.layer_of = [0] * depth, [0] * depth
+        for i, depths in enumerate(regions):
+            for j, d in enumerate(depths):
+                self.region_of[d], self.layer_of[d] = i, j
+        self.widths = [len(r) for r in regions]
+        self.cache_layer_of = list(range(depth))
+        self.num_cache_layers, self.block_size = depth, block_size
+        self.entry_bytes = 2 * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        self.kv_bytes_per_token = self.entry_bytes * depth   # what a token that ran every step would hold
+        self.num_blocks = memory_bytes // (block_size * self.entry_bytes)   # layer blocks
+        if self.num_blocks < depth:
+            raise RecursaError(f"KV cache memory of {memory_bytes} bytes is less than one block "
+                               f"({block_size} tokens x {self.kv_bytes_per_token} bytes over all depths)")
+        self._init_pool(self.num_blocks * block_size, n_kv_heads, head_dim, dtype, device)
+        self.entry_pos = torch.full((self.num_blocks * block_size,), EMPTY, dtype=torch.long)   # host
+        self.tables: dict[int, list[RegionTable]] = {}   # id(seq) -> one table per region
+        self.promise: dict[int, int] = {}   # id(seq) -> layer blocks its chunk may still take in steps >= 1
+        self.promised = 0                   # their sum: never more than the free blocks
+        self.region_entries = [0] * len(regions)    # entries appended per region over the engine's life
+        self.region_reserved = [0] * len(regions)   # bytes of the blocks handed out per region
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> "RecursionKVCache":
+        cfg = model.cfg
+        weight = model.embed_tokens.weight
+        return cls(mor_regions(model), cfg.n_kv_heads, cfg.head_dim, dtype=weight.dtype, device=weight.device,
+                   **kwargs)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.num_blocks * self.block_size * self.entry_bytes
+
+    def offset(self, depth: int) -> int:
+        """The depth's layer inside its region (PagedBatch keeps one slot tensor per layer of a span)."""
+        return self.layer_of[depth]
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Layer blocks a request of num_tokens tokens holds at most (every token at every step)."""
+        return -(-num_tokens // self.block_size) * self.num_cache_layers
+
+    def _tables(self, seq: Sequence) -> list[RegionTable]:
+        tabs = self.tables.get(id(seq))
+        if tabs is None:
+            tabs = self.tables[id(seq)] = [RegionTable() for _ in self.widths]
+        return tabs
+
+    def _grow(self, tab: RegionTable, width: int, count: int) -> int:
+        """Layer blocks tab needs to hold count entries."""
+        return width * max(0, -(-count // self.block_size) - len(tab.units) // width) if width else 0
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self.free_blocks) - self.promised
+
+    def _worst(self, tabs: list[RegionTable], n: int, first: int) -> int:
+        """Layer blocks regions first.. would take if n more tokens reached every one of them."""
+        return sum(self._grow(tabs[i], self.widths[i], tabs[i].count + n) for i in range(first, len(tabs)))
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """Layer blocks (held + promised) seq's chunk up to num_tokens positions adds: entries in the
+        regions every token runs, and room in every deeper step as if all its tokens went on."""
+        tabs = self.tables.get(id(seq)) or [RegionTable() for _ in self.widths]
+        n = num_tokens - seq.num_cached
+        eager = sum(self._grow(tabs[i], self.widths[i], num_tokens) for i in range(self.EAGER))
+        return eager + self._worst(tabs, n, self.EAGER) - self.promise.get(id(seq), 0)
+
+    def _set_promise(self, seq: Sequence, blocks: int) -> None:
+        self.promised += blocks - self.promise.get(id(seq), 0)
+        self.promise[id(seq)] = blocks
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Entries for positions num_cached..num_tokens-1 in the regions every token runs; room in the
+        deeper steps promised (the caller checked can_allocate(blocks_needed(..)))."""
+        n = num_tokens - seq.num_cached
+        tabs = self._tables(seq)
+        self._set_promise(seq, 0)
+        for i in range(self.EAGER):
+            self._append(tabs[i], i, n)
+        self._set_promise(seq, self._worst(tabs, n, self.EAGER))
+        self.num_positions += n
+
+    def place(self, seq: Sequence) -> None:
+        """Append seq's in-flight tokens to the table of the recursion step they are about to run
+        (once per chunk and step), out of the room promised to the chunk."""
+        i = self.region_of[seq.depth]
+        tabs = self.tables[id(seq)]
+        tab = tabs[i]
+        if i < self.EAGER:
+            if seq.n_in_flight != tab.count - seq.chunk_start:   # a router let a token skip step 0
+                raise RuntimeError(f"request {seq.request_id}: {seq.n_in_flight} tokens in flight at depth "
+                                   f"{seq.depth}, {tab.count - seq.chunk_start} entries for the chunk")
+            return
+        if tab.chunk == seq.chunk_start:
+            return
+        self._set_promise(seq, 0)
+        self._append(tab, i, seq.n_in_flight, seq.positions)
+        tab.chunk = seq.chunk_start
+        self._set_promise(seq, self._worst(tabs, seq.n_in_flight, i + 1))
+        if self.promised > len(self.free_blocks):
+            raise RuntimeError(f"request {seq.request_id} took more than its promised KV room at depth {seq.depth}")
+
+    def _append(self, tab: RegionTable, region: int, n: int, positions: torch.Tensor | None = None) -> None:
+        """n entries at the end of tab (holding `positions`; None: the regions where entry = position)."""
+        width = self.widths[region]
+        if width and n:
+            need = self._grow(tab, width, tab.count + n)
+            if need > len(self.free_blocks):
+                raise RuntimeError(f"KV region {region} grows by {need} blocks, {len(self.free_blocks)} free")
+            if need:
+                tab.units.extend(self.free_blocks.pop() for _ in range(need))
+                self.reserved_bytes += need * self.block_size * self.entry_bytes
+                self.region_reserved[region] += need * self.block_size * self.entry_bytes
+                self.version += 1
+            if positions is not None and n == 1:   # a decode token: no tensor ops
+                unit = tab.units[tab.count // self.block_size * width]
+                self.entry_pos[unit * self.block_size + tab.count % self.block_size] = int(positions[0])
+            elif positions is not None:
+                e = torch.arange(tab.count, tab.count + n)
+                first = torch.tensor(tab.units[0::width])   # each block's layer block at the region's first depth
+                self.entry_pos[first[e // self.block_size] * self.block_size + e % self.block_size] = positions
+        tab.count += n
+        self.region_entries[region] += n
+
+    def free(self, seq: Sequence) -> None:
+        self._set_promise(seq, 0)
+        del self.promise[id(seq)]
+        tabs = self.tables.pop(id(seq), None)
+        if tabs and any(t.units for t in tabs):
+            for t in tabs:
+                self.free_blocks.extend(reversed(t.units))
+            self.version += 1
+
+    def span_view(self, seqs: list[Sequence]):
+        """For a span group (its tokens placed first): slots [L, B, W] of
+        each layer of the span, key positions [B, W] (EMPTY where no entry) and the slots of the
+        in-flight tokens' own entries [L, N] (their table's last entries)."""
+        for s in seqs:
+            self.place(s)
+        regions = [self.region_of[s.depth] for s in seqs]   # a span group may mix recursion steps
+        width, bs = self.widths[regions[0]], self.block_size
+        tabs = [self.tables[id(s)][r] for s, r in zip(seqs, regions)]
+        counts = [t.count for t in tabs]
+        w = max(counts)
+        nb = -(-w // bs)
+        units = torch.tensor([t.units + [0] * (nb * width - len(t.units)) for t in tabs]).view(len(tabs), nb, width)
+        e = torch.arange(w)
+        slots = (units.permute(2, 0, 1)[:, :, e // bs] * bs + e % bs).contiguous()   # [L, B, W]
+        counts_t = torch.tensor(counts)
+        if min(regions) >= self.EAGER:
+            keys = self.entry_pos[slots[0]]
+        elif max(regions) < self.EAGER:
+            keys = e[None]
+        else:
+            keys = torch.where(torch.tensor(regions)[:, None] >= self.EAGER, self.entry_pos[slots[0]], e[None])
+        keys = torch.where(e[None] < counts_t[:, None], keys, EMPTY)
+        sizes = [s.n_in_flight for s in seqs]
+        first = torch.arange(len(seqs)) * w + counts_t                      # flat index past each request's entries
+        if max(sizes) == 1:   # decode tokens: each holds its table's last entry
+            idx = first - 1
+        else:
+            sizes_t = torch.tensor(sizes)
+            ends = torch.cumsum(sizes_t, 0)
+            idx = torch.repeat_interleave(first - ends, sizes_t) + torch.arange(int(ends[-1]))
+        return slots, keys, slots.reshape(width, -1)[:, idx]
+
+__all__ = ["RecursionKVCache", "RegionTable", "mor_regions", "EMPTY"]
