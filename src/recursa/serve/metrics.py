@@ -60,7 +60,7 @@ class Metrics:
         self.mean_depth = Gauge(P + "mean_exit_depth", "mean executed depth (stage passes) per output token", registry=r)
         self.tokens_per_stage_run = Gauge(P + "tokens_per_stage_run", "tokens per stage run (batch fill)", registry=r)
         self.kv_written = Gauge(P + "kv_bytes_per_token_written", "KV bytes written per token that entered the model", registry=r)
-        self.kv_reserved = Gauge(P + "kv_bytes_per_token_reserved", "KV bytes reserved per token (all depths)", registry=r)
+        self.kv_reserved = Gauge(P + "kv_bytes_per_token_reserved", "KV bytes reserved per token (blocks held per token; recursion-wise caches hold only what they write)", registry=r)
         self.depths = _DepthHistogram(model_depth)
         r.register(self.depths)
         self.num_tokens = 0   # prompt + generated tokens: the denominator of kv_bytes_per_token_written
@@ -80,7 +80,7 @@ class Metrics:
         self.kv_usage.set(1 - kv.num_free_blocks / kv.num_blocks if kv.num_blocks else 0.0)
         self.mean_depth.set(stats["mean_exit_depth"])
         self.tokens_per_stage_run.set(stats["tokens_per_stage_run"])
-        self.kv_reserved.set(stats["kv_bytes_per_token"])
+        self.kv_reserved.set(stats["kv_reserved_bytes_per_token"])   # compact recursion-wise caches: what is held
         if self.num_tokens:
             self.kv_written.set(stats["kv_entries_written"] * kv.entry_bytes / self.num_tokens)
 
