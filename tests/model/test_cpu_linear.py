@@ -87,3 +87,24 @@ def test_fp32_cpu_linear_matches_f_linear_at_every_size():
     for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40):   # F.linear, then MKL's packed GEMM
         x = torch.randn(rows, 64)
         torch.testing.assert_close(layer(x), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_compiler_the_kernels_are_off_and_bf16_stays_on_f_linear(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_state", {})                     # forget the library loaded so far
+    monkeypatch.setenv("RECURSA_KERNEL_CACHE", str(tmp_path))      # nothing built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.delenv("RECURSA_KERNELS", raising=False)
+    if not kernels._cpu_has_avx512_bf16():
+        pytest.skip("no AVX512-BF16: the kernels are off for that reason")
+    assert not kernels.available() and "no-such-compiler" in kernels.unavailable_reason()
+    assert not any(tmp_path.rglob("*.so*"))                        # no half-built library left behind
+    torch.manual_seed(0)
+    model = prepare(Decoder(preset("tiny")).eval(), "bfloat16")
+    assert not any(isinstance(m, CPULinear) for m in model.modules())
+    assert model(torch.tensor([[5, 17, 99]])).isfinite().all()
+
+
+def test_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("RECURSA_KERNELS", "0")
+    assert not kernels.available() and "RECURSA_KERNELS=0" in kernels.unavailable_reason()
