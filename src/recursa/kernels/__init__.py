@@ -118,12 +118,7 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-linear_bf16_op = torch.library.custom_op("recursa::linear_bf16", mutates_args=())(linear_bf16)
 
-
-@linear_bf16_op.register_fake
-def _(x, w):
-    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 def supports_attention(n_heads: int, k_cache: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -154,10 +149,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-paged_decode_attention_op = torch.library.custom_op("recursa::paged_decode_attention",
-                                                    mutates_args=())(paged_decode_attention)
+# The ops compiled graphs call: declared with a schema and a CPU implementation on a torch.library
+# Library (~10 us a call, against ~22 us through torch.library.custom_op's wrapper), plus the fake
+# implementations torch.compile traces shapes with.
+_LIBRARY = torch.library.Library("recursa", "DEF")
+_LIBRARY.define("linear_bf16(Tensor x, Tensor w) -> Tensor")
+_LIBRARY.impl("linear_bf16", linear_bf16, "CPU")
+_LIBRARY.define("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, int offset, "
+                "Tensor lens) -> Tensor")
+_LIBRARY.impl("paged_decode_attention", paged_decode_attention, "CPU")
 
 
-@paged_decode_attention_op.register_fake
+@torch.library.register_fake("recursa::linear_bf16")
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.register_fake("recursa::paged_decode_attention")
 def _(q, k_cache, v_cache, slots, offset, lens):
     return torch.empty_like(q)
+
+
+linear_bf16_op = torch.ops.recursa.linear_bf16
+paged_decode_attention_op = torch.ops.recursa.paged_decode_attention
