@@ -246,19 +246,19 @@ def fuse_(model):
 
 
 @torch.no_grad()
-def prepare(model, dtype=None, quantization: str | None = None, group_size: int = 32, fuse: bool | None = None,
+def prepare(model, dtype=None, quantization: str | None = None, group_size: int = 32, fuse: bool = True,
             head: bool | str = False, int4_weights=None):
     """An inference model (in place, returned): fused projections, the compute dtype, quantized weights.
 
     dtype None keeps the model's own, or bf16 with a quantization (what the CPU kernels want);
     quantization None | "int8" | "int4" (see the module docstring). int4_weights: int4 blocks to
     use as they are (see quantize_), or a model directory whose int4.safetensors holds them (if any).
-    fuse: None = fuse (False keeps the separate projections).
+    fuse: q/k/v and gate/up as one matmul each (False keeps the separate projections).
     """
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise RecursaError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
     dtype = resolve_dtype(dtype) or (KERNEL_DTYPE if quantization else model.embed_tokens.weight.dtype)
-    if fuse is None or fuse:
+    if fuse:
         fuse_(model)
     if isinstance(int4_weights, (str, os.PathLike)):
         int4_weights = load_int4_weights(int4_weights) if quantization == "int4" else None
