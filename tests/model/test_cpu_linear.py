@@ -1,4 +1,4 @@
-"""recursa's bf16 GEMV kernel (recursa.kernels) and the CPULinear projections that pick a CPU matmul.
+"""recursa's bf16 kernels (recursa.kernels: GEMV, AMX tiles) and the CPULinear projections that pick a CPU matmul.
 
 Reference: F.linear in fp32 on the same bf16 inputs; the kernel accumulates in fp32 and rounds
 once, so it must agree to within one bf16 rounding of the output (plus fp32 summation order).
@@ -14,7 +14,9 @@ from recursa.model.quant import fuse_, prepare
 from recursa.presets import preset
 
 _kernel = kernels.linear_bf16
+_amx = kernels.linear_amx
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"bf16 kernel: {kernels.unavailable_reason()}")
+needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX-BF16 (or no permission for its tiles)")
 
 
 def _reference(x, w):
@@ -37,21 +39,50 @@ def test_kernel_matches_fp32_reference_to_bf16_rounding(rows, n, k):
         assert torch.equal(kernels.linear_bf16(x[r:r + 1], w)[0], kernels.linear_bf16(x, w)[r])
 
 
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 32, 33, 64, 70])
+@pytest.mark.parametrize("n, k", [(64, 64), (7, 96), (130, 576), (48, 1536)])
+def test_amx_kernel_matches_fp32_reference_to_bf16_rounding(rows, n, k):
+    g = torch.Generator().manual_seed(n * k + rows)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    wp = kernels.pack_amx(w)
+    got, ref = kernels.linear_amx(x, wp, n), _reference(x, w)
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    assert ((got.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-3 * k**0.5).all()
+    for r in (0, rows // 2, rows - 1):   # a row's result does not depend on the rows beside it
+        assert torch.equal(kernels.linear_amx(x[r:r + 1], wp, n)[0], got[r])
+
+
 @needs_kernel
-def test_bf16_linear_routes_small_inputs_to_the_kernel_and_large_ones_to_f_linear():
+def test_bf16_linear_routes_small_inputs_to_a_kernel_and_large_ones_to_f_linear():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(96, 64).bfloat16(), requires_grad=False)
     layer = CPULinear.of(w)
-    small, large = torch.randn(1, 2, 64).bfloat16(), torch.randn(1, kernels.MAX_ROWS + 1, 64).bfloat16()
-    assert torch.equal(layer(small), kernels.linear_bf16(small, w))
+    limit = kernels.AMX_MAX_ROWS if kernels.amx_available() else kernels.MAX_ROWS
+    small, large = torch.randn(1, limit, 64).bfloat16(), torch.randn(1, limit + 1, 64).bfloat16()
+    if kernels.amx_available():
+        assert torch.equal(layer(small), kernels.linear_amx(small, layer.amx_packed, 96))
+    else:
+        assert torch.equal(layer(small), kernels.linear_bf16(small, w))
     assert torch.equal(layer(large), F.linear(large, w))   # oneDNN's prepacked GEMM: the same kernel
 
 
 @needs_kernel
-def test_compiled_bf16_linear_calls_the_same_kernel():
+def test_without_amx_bf16_decode_takes_the_gemv(monkeypatch):
+    monkeypatch.setitem(kernels._state, "amx", False)
+    layer = CPULinear.of(torch.nn.Parameter(torch.randn(32, 64).bfloat16(), requires_grad=False))
+    assert layer.amx_packed is None
+    x = torch.randn(2, 64).bfloat16()
+    assert torch.equal(layer(x), kernels.linear_bf16(x, layer.weight))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 24])
+def test_compiled_bf16_linear_calls_the_same_kernel(rows):
     torch.manual_seed(0)
     layer = CPULinear.of(torch.nn.Parameter(torch.randn(32, 64).bfloat16(), requires_grad=False))
-    x = torch.randn(1, 1, 64).bfloat16()
+    x = torch.randn(1, rows, 64).bfloat16()
     assert torch.equal(torch.compile(layer, dynamic=True)(x), layer(x))
 
 
@@ -71,7 +102,10 @@ def test_prepared_bf16_model_uses_the_kernel_and_keeps_its_logits(monkeypatch):
     assert use_cpu_kernels_(fast) == 0   # already routed: nothing left to swap
     ids = torch.tensor([[5, 17, 99]])    # 3 tokens: every matmul at decode size, through the kernel
     calls = []
-    monkeypatch.setattr(kernels, "linear_bf16", lambda x, w: calls.append(w) or _kernel(x, w))
+    if kernels.amx_available():
+        monkeypatch.setattr(kernels, "linear_amx", lambda x, wp, n: calls.append(wp) or _amx(x, wp, n))
+    else:
+        monkeypatch.setattr(kernels, "linear_bf16", lambda x, w: calls.append(w) or _kernel(x, w))
     with torch.no_grad():
         a, b = plain(ids).float(), fast(ids).float()
     assert len(calls) == 4 * len(fast.layers) + 1   # every projection and the head ran the kernel

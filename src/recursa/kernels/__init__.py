@@ -5,6 +5,13 @@ dot products (`vdpbf16ps`, fp32 accumulation), reading each weight row once. PyT
 F.linear (oneDNN) runs batch-1 GEMV on this kind of CPU at about half the memory bandwidth, below
 even fp32 (benchmarks/RESULTS.md), and at batch 1 the weight read is the whole cost of a layer.
 
+`linear_amx(x, wp, n)`: the bf16 matmul for up to `AMX_MAX_ROWS` rows on AMX tiles (TDPBF16PS,
+fp32 accumulation) over a weight packed once by `pack_amx`: decode at any batch size the engine
+runs reads the weights at close to memory bandwidth, where oneDNN's packed GEMM reaches about
+two thirds of it at 32 rows. Needs a CPU with AMX-BF16 (Sapphire Rapids and later) and Linux's
+permission for the tile state; elsewhere `amx_available()` is False and callers keep the GEMV
+and oneDNN. RECURSA_AMX=0 turns only this kernel off.
+
 `paged_decode_attention(q, k_cache, v_cache, slots, offset, lens)`: attention of one query per
 request over its paged cache, reading keys/values where they lie (fp32 or bf16): no gathered copy
 of the context, no padding mask, one call per depth instead of a gather, a mask and SDPA.
@@ -15,7 +22,7 @@ and renamed; the shared library joins the OpenMP runtime torch already loaded (o
 `available()` is False, with the reason in `unavailable_reason()`, where the CPU lacks AVX512-BF16,
 no compiler is found, or a build fails: callers then keep the PyTorch path (F.linear, SDPA).
 RECURSA_KERNELS=0 turns the kernels off. Inside torch.compile the kernels are the opaque custom
-ops `recursa::linear_bf16` and `recursa::paged_decode_attention`.
+ops `recursa::linear_bf16`, `recursa::linear_amx` and `recursa::paged_decode_attention`.
 """
 from __future__ import annotations
 
@@ -31,24 +38,34 @@ import torch
 
 _HERE = Path(__file__).parent
 MAX_ROWS = 4   # rows (tokens) up to which the GEMV beats oneDNN; more rows go to F.linear
+AMX_MAX_ROWS = 64   # rows up to which the AMX kernel beats oneDNN's packed GEMM (which reuses x better)
 _P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_SIGNATURES = {   # C source -> (function, argument types, return type)
-    "linear_bf16": ("recursa_linear_bf16", [_P] * 3 + [_I64] * 3 + [_I], None),
-    "paged_attention": ("recursa_paged_decode_attention",
-                        [_P] * 4 + [_I64] * 2 + [_P] * 2 + [_I64] * 4 + [ctypes.c_float, _I, _I], _I),
+_SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argument types, return type)}
+    "linear_bf16": {"linear_bf16": ([_P] * 3 + [_I64] * 3 + [_I], None)},
+    "paged_attention": {"paged_decode_attention": ([_P] * 4 + [_I64] * 2 + [_P] * 2 + [_I64] * 4
+                                                   + [ctypes.c_float, _I, _I], _I)},
+    "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None), "amx_init": ([], _I)},
 }
-_state: dict = {}
+_FLAGS = {"linear_amx": ["-mamx-tile", "-mamx-bf16"]}   # beyond the common ones
+_BASE = ("linear_bf16", "paged_attention")               # built by _load; linear_amx on demand
+_state: dict = {}   # the loaded functions by name, and what _load / amx_available found
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
 
 
 def _cpu_has_avx512_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "avx512_bf16" in _cpu_flags()
 
 
 def _build(name: str):
-    """The C function of kernels/<name>.c, compiled (once per source hash) and loaded."""
+    """Compile kernels/<name>.c (once per source hash) and put its functions into _state."""
     source_path = _HERE / f"{name}.c"
     source = source_path.read_bytes()
     cache = Path(os.environ.get("RECURSA_KERNEL_CACHE", Path.home() / ".cache" / "recursa" / "kernels"))
@@ -61,8 +78,8 @@ def _build(name: str):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, "-O3", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl", "-fopenmp",
-                            "-shared", "-fPIC", str(source_path), "-o", tmp, "-lm"],
+            subprocess.run([compiler, "-O3", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl",
+                            *_FLAGS.get(name, []), "-fopenmp", "-shared", "-fPIC", str(source_path), "-o", tmp, "-lm"],
                            check=True, capture_output=True, text=True)
             os.replace(tmp, target)
         except subprocess.CalledProcessError as e:
@@ -70,10 +87,11 @@ def _build(name: str):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    function, argtypes, restype = _SIGNATURES[name]
-    fn = getattr(ctypes.CDLL(str(target)), function)
-    fn.argtypes, fn.restype = argtypes, restype
-    return fn
+    library = ctypes.CDLL(str(target))
+    for function, (argtypes, restype) in _SIGNATURES[name].items():
+        fn = getattr(library, "recursa_" + function)
+        fn.argtypes, fn.restype = argtypes, restype
+        _state[function] = fn
 
 
 def _load():
@@ -85,8 +103,8 @@ def _load():
             _state["reason"] = "the CPU has no AVX512-BF16"
         else:
             try:
-                for name in _SIGNATURES:
-                    _state[name] = _build(name)
+                for name in _BASE:
+                    _build(name)
             except OSError as e:
                 _state["reason"] = str(e)
     return _state["reason"] is None
@@ -99,6 +117,21 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     _load()
     return _state["reason"]
+
+
+def amx_available() -> bool:
+    """Whether linear_amx runs here: the other kernels, AMX-BF16 in the CPU, the compiler's AMX
+    support and the kernel's permission to use the tile state (asked of Linux once per process)."""
+    if "amx" not in _state:
+        ok = _load() and os.environ.get("RECURSA_AMX", "1") != "0" and {"amx_bf16", "amx_tile"} <= _cpu_flags()
+        if ok:
+            try:
+                _build("linear_amx")
+                ok = _state["amx_init"]() == 0
+            except OSError:   # e.g. a compiler without AMX support: the other kernels still serve
+                ok = False
+        _state["amx"] = ok
+    return _state["amx"]
 
 
 def supports(w: torch.Tensor) -> bool:
@@ -118,7 +151,24 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], w.shape[0])
 
 
+def pack_amx(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] bf16 laid out as linear_amx reads it: per block of 32 output columns (N padded to a
+    multiple of 32 with zeros) and of 32 k, two 16 x 16 tiles of k-pairs, contiguous."""
+    n, k = w.shape
+    blocks = -(-n // 32)
+    padded = torch.zeros(blocks * 32, k, dtype=torch.bfloat16)
+    padded[:n] = w
+    return padded.view(blocks, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
 
+
+def linear_amx(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
+    """x [..., K] bf16 @ w.T -> [..., n] bf16, w given as pack_amx(w) (the caller checked
+    `amx_available()` and `supports(w)`). Eager: a direct call; compiled graphs call `linear_amx_op`."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    _state["linear_amx"](x2.data_ptr(), wp.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1], n,
+                         torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
 
 
 def supports_attention(n_heads: int, k_cache: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -140,7 +190,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q = q.contiguous()
     out = torch.empty_like(q)
     B, H, hd = q.shape
-    status = _state["paged_attention"](q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+    status = _state["paged_decode_attention"](q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
                                        slots.shape[1], offset, lens.data_ptr(), out.data_ptr(), B, H,
                                        k_cache.shape[1], hd, hd ** -0.5, int(q.dtype == torch.bfloat16),
                                        torch.get_num_threads())
@@ -155,6 +205,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 _LIBRARY = torch.library.Library("recursa", "DEF")
 _LIBRARY.define("linear_bf16(Tensor x, Tensor w) -> Tensor")
 _LIBRARY.impl("linear_bf16", linear_bf16, "CPU")
+_LIBRARY.define("linear_amx(Tensor x, Tensor wp, int n) -> Tensor")
+_LIBRARY.impl("linear_amx", linear_amx, "CPU")
 _LIBRARY.define("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, int offset, "
                 "Tensor lens) -> Tensor")
 _LIBRARY.impl("paged_decode_attention", paged_decode_attention, "CPU")
@@ -165,10 +217,16 @@ def _(x, w):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
+@torch.library.register_fake("recursa::linear_amx")
+def _(x, wp, n):
+    return x.new_empty(*x.shape[:-1], n)
+
+
 @torch.library.register_fake("recursa::paged_decode_attention")
 def _(q, k_cache, v_cache, slots, offset, lens):
     return torch.empty_like(q)
 
 
 linear_bf16_op = torch.ops.recursa.linear_bf16
+linear_amx_op = torch.ops.recursa.linear_amx
 paged_decode_attention_op = torch.ops.recursa.paged_decode_attention

@@ -1,12 +1,15 @@
 """Projections that pick the fastest CPU matmul for the number of tokens they see.
 
-At decode sizes (at most `kernels.MAX_ROWS` tokens) a matmul reads its whole weight for a few
-rows: bf16 goes to `recursa.kernels.linear_bf16` (AVX512-BF16 GEMV, about twice oneDNN's speed at
-batch 1 on this project's CPU), fp32 stays on F.linear (already at memory bandwidth there). Past
-that, both take a prepacked GEMM: fp32 MKL's (`torch.ops.mkl._mkl_linear`, 1.25-1.4x F.linear at
+At decode sizes a matmul reads its whole weight for a few rows. bf16 goes to
+`recursa.kernels.linear_amx` up to `kernels.AMX_MAX_ROWS` tokens where the CPU has AMX (tiles over
+a second, tile-ordered copy of the weight), else to `recursa.kernels.linear_bf16` up to
+`kernels.MAX_ROWS` (AVX512-BF16 GEMV, about twice oneDNN's speed at batch 1); fp32 stays on
+F.linear up to `kernels.MAX_ROWS` (already at memory bandwidth there). Past that, both take a
+prepacked GEMM: fp32 MKL's (`torch.ops.mkl._mkl_linear`, 1.25-1.4x F.linear at
 8-64 tokens, 1 thread), bf16 oneDNN's (`torch.ops.mkldnn._linear_pointwise` on a reordered weight,
-1.15-1.35x, bit-identical to F.linear). The packed copy sits beside the plain weight: twice the
-weight memory. Inside torch.compile large inputs take F.linear (inductor cannot trace these ops).
+1.15-1.35x, bit-identical to F.linear). The packed copies sit beside the plain weight: two or
+three times the weight memory. Inside torch.compile the custom ops stay (`recursa::linear_amx`,
+`recursa::linear_bf16`) and the rest take F.linear (inductor cannot trace MKL's or oneDNN's ops).
 
 `CPULinear` is an nn.Linear (same weight, same contract); `use_cpu_kernels_(model)` swaps every
 fp32/bf16 projection of the Blocks, and gives a tied model an LM head that shares the embedding's
@@ -39,11 +42,17 @@ class CPULinear(nn.Linear):
         else:
             packed = None
         layer.register_buffer("packed", packed, persistent=False)
+        amx = kernels.pack_amx(w) if kernels.supports(w) and kernels.amx_available() else None
+        layer.register_buffer("amx_packed", amx, persistent=False)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
+        if self.amx_packed is not None and x.numel() <= kernels.AMX_MAX_ROWS * x.shape[-1]:
+            amx = kernels.linear_amx_op if torch.compiler.is_compiling() else kernels.linear_amx
+            y = amx(x, self.amx_packed, self.out_features)
+            return y if self.bias is None else y + self.bias
         if x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
             if x.dtype != torch.bfloat16:
                 return F.linear(x, self.weight, self.bias)
