@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from recursa import LLM, SamplingParams
+from recursa import LLM, SamplingParams, kernels
 from recursa.cli import main
 from recursa.presets import preset
 from recursa.convert.q4 import dequantize, q4_1_blocks
@@ -57,10 +57,28 @@ def test_int4_module_matches_its_dequantized_weight(n):
     assert (exact - w).abs().max() <= scale.max() / 2 + 1e-6
     deq = m.dequantize()                                   # what the kernel multiplies by (bf16 scales)
     assert (deq - exact).abs().max() <= 2e-2 * w.abs().max()
-    x = _x(3, 96)
-    ref = x.float() @ deq.t()
-    torch.testing.assert_close(m(x).float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
-    assert m(x).shape == (3, n)
+    for rows in (3, 20, 64):   # the torch kernel; AMX's tiles where the CPU has them (5-64 tokens)
+        x = _x(rows, 96)
+        ref = x.float() @ deq.t()
+        torch.testing.assert_close(m(x).float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+        assert m(x).shape == (rows, n)
+
+
+@pytest.mark.skipif(not kernels.amx_available(), reason="no AMX-BF16")
+def test_int4_amx_tiles_widen_the_same_weights():
+    torch.manual_seed(0)
+    w = torch.randn(72, 128) * 0.05   # 72: a part-filled block of 32 columns
+    q, scale, lo = int4_affine(w, 32)
+    wq, sm = kernels.pack_amx_int4(q, scale, lo)
+    # w = scale * q + minimum with the scales rounded to bf16, as the kernel reads them
+    deq = dequantize(q, scale.bfloat16().float(), lo.bfloat16().float())
+    for rows in (1, 17, 40):
+        x = _x(rows, 128)
+        ref = x.float() @ deq.t()
+        got = kernels.linear_amx_int4(x, wq, sm, 72).float()
+        # one bf16 rounding of each widened weight and of the result
+        assert ((got - ref).abs() <= 2**-7 * (x.float().abs() @ deq.abs().t()) + 1e-3).all()
+        assert torch.equal(kernels.linear_amx_int4(x[-1:], wq, sm, 72)[0], got[-1].bfloat16())
 
 
 def test_int4_needs_whole_groups():

@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 _HERE = Path(__file__).parent
 MAX_ROWS = 4   # rows (tokens) up to which the GEMV beats oneDNN; more rows go to F.linear
@@ -44,7 +45,8 @@ _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argume
     "linear_bf16": {"linear_bf16": ([_P] * 3 + [_I64] * 3 + [_I], None)},
     "paged_attention": {"paged_decode_attention": ([_P] * 4 + [_I64] * 2 + [_P] * 2 + [_I64] * 4
                                                    + [ctypes.c_float, _I, _I], _I)},
-    "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None), "amx_init": ([], _I)},
+    "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None),
+                   "linear_amx_int4": ([_P] * 4 + [_I64] * 3 + [_I], None), "amx_init": ([], _I)},
 }
 _FLAGS = {"linear_amx": ["-mamx-tile", "-mamx-bf16"]}   # beyond the common ones
 _BASE = ("linear_bf16", "paged_attention")               # built by _load; linear_amx on demand
@@ -134,6 +136,30 @@ def amx_available() -> bool:
     return _state["amx"]
 
 
+def pack_amx_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 weights w = scale * q + minimum (q [N, K] in 0..15, scale and minimum [N, K/32]) laid out
+    as linear_amx_int4 reads them: (q bytes [N/32, K/32, 2, 16, 16] uint8, scales and minimums
+    [N/32, K/32, 2, 2, 16] bf16), N padded to a multiple of 32 with zero weights."""
+    n, k = q.shape
+    blocks, pad = -(-n // 32), -n % 32
+    q = F.pad(q.to(torch.uint8), (0, 0, 0, pad))
+    # [nb, t, j, kb, i, e] -> [nb, kb, t, i, (j, e)]: a tile row holds the 16 columns' k-pair i
+    rows = q.view(blocks, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(blocks, k // 32, 2, 16, 32)
+    packed = (rows[..., :16] | (rows[..., 16:] << 4)).contiguous()
+    sm = torch.stack([F.pad(t.float(), (0, 0, 0, pad)).view(blocks, 2, 16, k // 32).permute(0, 3, 1, 2)
+                      for t in (scale, minimum)], dim=3)
+    return packed, sm.to(torch.bfloat16).contiguous()
+
+
+def linear_amx_int4(x: torch.Tensor, wq: torch.Tensor, sm: torch.Tensor, n: int) -> torch.Tensor:
+    """x [..., K] bf16 @ w.T -> [..., n] bf16 with w given as pack_amx_int4 (groups of 32 k)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    _state["linear_amx_int4"](x2.data_ptr(), wq.data_ptr(), sm.data_ptr(), y.data_ptr(), x2.shape[0],
+                              x2.shape[1], n, torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
 def supports(w: torch.Tensor) -> bool:
     """Whether linear_bf16 can take weight w: [N, K] bf16 on the CPU, contiguous, K a multiple of 32."""
     return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous()
@@ -207,6 +233,8 @@ _LIBRARY.define("linear_bf16(Tensor x, Tensor w) -> Tensor")
 _LIBRARY.impl("linear_bf16", linear_bf16, "CPU")
 _LIBRARY.define("linear_amx(Tensor x, Tensor wp, int n) -> Tensor")
 _LIBRARY.impl("linear_amx", linear_amx, "CPU")
+_LIBRARY.define("linear_amx_int4(Tensor x, Tensor wq, Tensor sm, int n) -> Tensor")
+_LIBRARY.impl("linear_amx_int4", linear_amx_int4, "CPU")
 _LIBRARY.define("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, int offset, "
                 "Tensor lens) -> Tensor")
 _LIBRARY.impl("paged_decode_attention", paged_decode_attention, "CPU")
@@ -222,6 +250,11 @@ def _(x, wp, n):
     return x.new_empty(*x.shape[:-1], n)
 
 
+@torch.library.register_fake("recursa::linear_amx_int4")
+def _(x, wq, sm, n):
+    return x.new_empty(*x.shape[:-1], n)
+
+
 @torch.library.register_fake("recursa::paged_decode_attention")
 def _(q, k_cache, v_cache, slots, offset, lens):
     return torch.empty_like(q)
@@ -229,4 +262,5 @@ def _(q, k_cache, v_cache, slots, offset, lens):
 
 linear_bf16_op = torch.ops.recursa.linear_bf16
 linear_amx_op = torch.ops.recursa.linear_amx
+linear_amx_int4_op = torch.ops.recursa.linear_amx_int4
 paged_decode_attention_op = torch.ops.recursa.paged_decode_attention

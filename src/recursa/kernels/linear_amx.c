@@ -10,7 +10,13 @@
    (N padded to a multiple of 32 with zero rows) and each block of 32 k, two 16x16 tiles of bf16
    pairs, 2 KiB contiguous: element [nb][kb][t][i][j][e] = w[32 nb + 16 t + j][32 kb + 2 i + e].
    A thread owns whole column blocks, so it streams its part of wp once, and for many rows keeps
-   each block (at most a few hundred KiB) in its L2 cache across row chunks of 32. */
+   each block (at most a few hundred KiB) in its L2 cache across row chunks of 32.
+
+   recursa_linear_amx_int4 reads int4 weights instead, w = scale * q + minimum per group of 32 k
+   (one k block), and widens each tile to bf16 in L1 just before the tile load: per k block and
+   16-column tile, 16 rows of 16 bytes (byte b: element b in its low nibble, element b + 16 in its
+   high one; the elements of a row are the tile's bf16 pairs), 256 B, then per tile the 16
+   columns' scales and minimums (bf16, 64 B). */
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -51,55 +57,89 @@ static inline void store_rows(const float *c, int rows, uint16_t *y, int64_t ldy
     }
 }
 
-void recursa_linear_amx(const uint16_t *x, const uint16_t *wp, uint16_t *y, int64_t M, int64_t K, int64_t N,
-                        int threads) {
-    const int64_t KB = K / 32, NB = (N + 31) / 32, lda = 2 * K;
-    #pragma omp parallel num_threads(threads)
-    {
-        float c[4][256] __attribute__((aligned(64)));
-        int configured = -1;
-        #pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < NB; ++nb) {
-            const uint16_t *wb = wp + nb * KB * 1024;
-            const int64_t n0 = 32 * nb, left = N - n0;
-            for (int64_t m0 = 0; m0 < M; m0 += 32) {
-                const int mr = M - m0 < 32 ? (int)(M - m0) : 32, r0 = mr < 16 ? mr : 16, r1 = mr - r0;
-                if (configured != mr) { configure(r0, r1); configured = mr; }
-                const uint16_t *x0 = x + m0 * K, *x1 = x0 + 16 * K;
-                _tile_zero(0); _tile_zero(1);
-                if (r1) {
-                    _tile_zero(2); _tile_zero(3);
-                    for (int64_t kb = 0; kb < KB; ++kb) {
-                        const uint16_t *b = wb + kb * 1024;
-                        PREFETCH(b + PREFETCH_AHEAD);
-                        _tile_loadd(4, x0 + 32 * kb, lda);
-                        _tile_loadd(5, x1 + 32 * kb, lda);
-                        _tile_loadd(6, b, 64);
-                        _tile_loadd(7, b + 512, 64);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-                        _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-                    }
-                } else {
-                    for (int64_t kb = 0; kb < KB; ++kb) {
-                        const uint16_t *b = wb + kb * 1024;
-                        PREFETCH(b + PREFETCH_AHEAD);
-                        _tile_loadd(4, x0 + 32 * kb, lda);
-                        _tile_loadd(6, b, 64);
-                        _tile_loadd(7, b + 512, 64);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-                    }
-                }
-                _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
-                uint16_t *ym = y + m0 * N + n0;
-                store_rows(c[0], r0, ym, N, left);
-                if (left > 16) store_rows(c[1], r0, ym + 16, N, left - 16);
-                if (r1) {
-                    _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
-                    store_rows(c[2], r1, ym + 16 * N, N, left);
-                    if (left > 16) store_rows(c[3], r1, ym + 16 * N + 16, N, left - 16);
-                }
+/* one 16 x 32 bf16 tile (16 k-pairs x 16 columns) from its int4 row bytes, scales and minimums */
+static inline void widen_int4_tile(const uint8_t *q, const uint16_t *sm, uint16_t *out) {
+    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)sm)), 16));
+    const __m512 m = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sm + 16))), 16));
+    const __m512i pairs = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i pairs_hi = _mm512_add_epi32(pairs, _mm512_set1_epi32(8));
+    const __m512 s_lo = _mm512_permutexvar_ps(pairs, s), s_hi = _mm512_permutexvar_ps(pairs_hi, s);
+    const __m512 m_lo = _mm512_permutexvar_ps(pairs, m), m_hi = _mm512_permutexvar_ps(pairs_hi, m);
+    const __m512i nibble = _mm512_set1_epi32(15);
+    for (int i = 0; i < 16; ++i) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i)));
+        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, nibble)), s_lo, m_lo);
+        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s_hi, m_hi);
+        _mm512_store_si512(out + 32 * i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
+/* y[:, 32 nb : 32 nb + 32] for all M rows: bf16 tiles from wb, or (wb NULL) widened from qb / smb */
+static inline void column_block(const uint16_t *x, const uint16_t *wb, const uint8_t *qb, const uint16_t *smb,
+                                uint16_t *y, int64_t M, int64_t K, int64_t N, int64_t nb, int *configured) {
+    uint16_t widened[1024] __attribute__((aligned(64)));
+    float c[4][256] __attribute__((aligned(64)));
+    const int64_t KB = K / 32, lda = 2 * K, n0 = 32 * nb, left = N - n0;
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const int mr = M - m0 < 32 ? (int)(M - m0) : 32, r0 = mr < 16 ? mr : 16, r1 = mr - r0;
+        if (*configured != mr) { configure(r0, r1); *configured = mr; }
+        const uint16_t *x0 = x + m0 * K, *x1 = x0 + 16 * K;
+        _tile_zero(0); _tile_zero(1);
+        if (r1) { _tile_zero(2); _tile_zero(3); }
+        for (int64_t kb = 0; kb < KB; ++kb) {
+            const uint16_t *b = widened;
+            if (wb) {
+                b = wb + kb * 1024;
+                PREFETCH(b + PREFETCH_AHEAD);
+            } else {
+                _mm_prefetch((const char *)(qb + (kb + 8) * 512), _MM_HINT_T0);
+                _mm_prefetch((const char *)(qb + (kb + 8) * 512 + 64 * 4), _MM_HINT_T0);
+                widen_int4_tile(qb + kb * 512, smb + kb * 64, widened);
+                widen_int4_tile(qb + kb * 512 + 256, smb + kb * 64 + 32, widened + 512);
+            }
+            _tile_loadd(4, x0 + 32 * kb, lda);
+            _tile_loadd(6, b, 64);
+            _tile_loadd(7, b + 512, 64);
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+            if (r1) {
+                _tile_loadd(5, x1 + 32 * kb, lda);
+                _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
             }
         }
+        _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
+        uint16_t *ym = y + m0 * N + n0;
+        store_rows(c[0], r0, ym, N, left);
+        if (left > 16) store_rows(c[1], r0, ym + 16, N, left - 16);
+        if (r1) {
+            _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+            store_rows(c[2], r1, ym + 16 * N, N, left);
+            if (left > 16) store_rows(c[3], r1, ym + 16 * N + 16, N, left - 16);
+        }
+    }
+}
+
+void recursa_linear_amx(const uint16_t *x, const uint16_t *wp, uint16_t *y, int64_t M, int64_t K, int64_t N,
+                        int threads) {
+    const int64_t NB = (N + 31) / 32;
+    #pragma omp parallel num_threads(threads)
+    {
+        int configured = -1;
+        #pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < NB; ++nb)
+            column_block(x, wp + nb * (K / 32) * 1024, 0, 0, y, M, K, N, nb, &configured);
+        if (configured != -1) _tile_release();
+    }
+}
+
+void recursa_linear_amx_int4(const uint16_t *x, const uint8_t *wq, const uint16_t *sm, uint16_t *y, int64_t M,
+                             int64_t K, int64_t N, int threads) {
+    const int64_t NB = (N + 31) / 32, KB = K / 32;
+    #pragma omp parallel num_threads(threads)
+    {
+        int configured = -1;
+        #pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < NB; ++nb)
+            column_block(x, 0, wq + nb * KB * 512, sm + nb * KB * 64, y, M, K, N, nb, &configured);
         if (configured != -1) _tile_release();
     }
 }

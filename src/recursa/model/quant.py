@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recursa import kernels
 from recursa.errors import RecursaError
 from recursa.model.cpu_linear import use_cpu_kernels_
 from recursa.model.int4_weights import load_int4_weights
@@ -151,6 +152,10 @@ class Int4Linear(nn.Module):
         sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1)          # [K/g, N', 2]
         self.register_buffer("weight", pack_int4(q.cpu()).to(q.device))
         self.register_buffer("scales_and_zeros", sz.to(KERNEL_DTYPE).contiguous())
+        amx = group_size == 32 and q.device.type == "cpu" and self.in_features % 32 == 0 and kernels.amx_available()
+        wq, sm = kernels.pack_amx_int4(q, scale, minimum) if amx else (None, None)
+        self.register_buffer("amx_q", wq, persistent=False)      # the AMX kernel's copy (5-64 tokens)
+        self.register_buffer("amx_sm", sm, persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -167,7 +172,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x)
-        if x.device.type == "cpu":
+        if self.amx_q is not None and kernels.MAX_ROWS < x2.shape[0] <= kernels.AMX_MAX_ROWS:
+            amx = kernels.linear_amx_int4_op if torch.compiler.is_compiling() else kernels.linear_amx_int4
+            y = _as(amx(_as(x2, KERNEL_DTYPE), self.amx_q, _as(self.amx_sm, KERNEL_DTYPE), self.out_features), x.dtype)
+        elif x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(_as(x2, KERNEL_DTYPE), self.weight, self.group_size,
                                                   _as(self.scales_and_zeros, KERNEL_DTYPE))
             y = _as(y if y.shape[-1] == self.out_features else y[:, :self.out_features], x.dtype)
