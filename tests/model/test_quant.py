@@ -75,10 +75,10 @@ def test_int4_amx_tiles_widen_the_same_weights():
     for rows in (1, 17, 40):
         x = _x(rows, 128)
         ref = x.float() @ deq.t()
-        got = kernels.linear_amx_int4(x, wq, sm, 72).float()
+        got = kernels.linear_amx_int(x, wq, sm, 72, 4).float()
         # one bf16 rounding of each widened weight and of the result
         assert ((got - ref).abs() <= 2**-7 * (x.float().abs() @ deq.abs().t()) + 1e-3).all()
-        assert torch.equal(kernels.linear_amx_int4(x[-1:], wq, sm, 72)[0], got[-1].bfloat16())
+        assert torch.equal(kernels.linear_amx_int(x[-1:], wq, sm, 72, 4)[0], got[-1].bfloat16())
 
 
 def test_int4_needs_whole_groups():

@@ -46,7 +46,7 @@ _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argume
     "paged_attention": {"paged_decode_attention": ([_P] * 4 + [_I64] * 2 + [_P] * 2 + [_I64] * 4
                                                    + [ctypes.c_float, _I, _I], _I)},
     "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None),
-                   "linear_amx_int4": ([_P] * 4 + [_I64] * 3 + [_I], None), "amx_init": ([], _I)},
+                   "linear_amx_int": ([_P] * 4 + [_I64] * 3 + [_I, _I], None), "amx_init": ([], _I)},
 }
 _FLAGS = {"linear_amx": ["-mamx-tile", "-mamx-bf16"]}   # beyond the common ones
 _BASE = ("linear_bf16", "paged_attention")               # built by _load; linear_amx on demand
@@ -136,27 +136,45 @@ def amx_available() -> bool:
     return _state["amx"]
 
 
+def _tile_scales(scale: torch.Tensor, minimum: torch.Tensor, blocks: int, pad: int) -> torch.Tensor:
+    """scale, minimum [N, K/32] -> [N/32, K/32, 2 tiles, (scale, minimum), 16 columns] bf16."""
+    k_blocks = scale.shape[1]
+    sm = torch.stack([F.pad(t.float(), (0, 0, 0, pad)).view(blocks, 2, 16, k_blocks).permute(0, 3, 1, 2)
+                      for t in (scale, minimum)], dim=3)
+    return sm.to(torch.bfloat16).contiguous()
+
+
+def _tile_rows(q: torch.Tensor, blocks: int, pad: int) -> torch.Tensor:
+    """q [N, K] -> [N/32, K/32, 2 tiles, 16 k-pairs, 32]: a tile row holds its 16 columns' k-pair."""
+    k = q.shape[1]
+    q = F.pad(q, (0, 0, 0, pad))
+    return q.view(blocks, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(blocks, k // 32, 2, 16, 32)
+
+
 def pack_amx_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 weights w = scale * q + minimum (q [N, K] in 0..15, scale and minimum [N, K/32]) laid out
-    as linear_amx_int4 reads them: (q bytes [N/32, K/32, 2, 16, 16] uint8, scales and minimums
-    [N/32, K/32, 2, 2, 16] bf16), N padded to a multiple of 32 with zero weights."""
+    as linear_amx_int(..., bits=4) reads them: (tile rows [N/32, K/32, 2, 16, 16] uint8, two
+    elements a byte, and the tiles' scales and minimums), N padded to a multiple of 32 with zeros."""
+    blocks, pad = -(-q.shape[0] // 32), -q.shape[0] % 32
+    rows = _tile_rows(q.to(torch.uint8), blocks, pad)
+    return (rows[..., :16] | (rows[..., 16:] << 4)).contiguous(), _tile_scales(scale, minimum, blocks, pad)
+
+
+def pack_amx_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights w = scales[n] * q[n, k] (q [N, K] int8) as linear_amx_int(..., bits=8) reads them."""
     n, k = q.shape
     blocks, pad = -(-n // 32), -n % 32
-    q = F.pad(q.to(torch.uint8), (0, 0, 0, pad))
-    # [nb, t, j, kb, i, e] -> [nb, kb, t, i, (j, e)]: a tile row holds the 16 columns' k-pair i
-    rows = q.view(blocks, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(blocks, k // 32, 2, 16, 32)
-    packed = (rows[..., :16] | (rows[..., 16:] << 4)).contiguous()
-    sm = torch.stack([F.pad(t.float(), (0, 0, 0, pad)).view(blocks, 2, 16, k // 32).permute(0, 3, 1, 2)
-                      for t in (scale, minimum)], dim=3)
-    return packed, sm.to(torch.bfloat16).contiguous()
+    scale = scales.float()[:, None].expand(n, k // 32)
+    rows = _tile_rows(q.to(torch.int8), blocks, pad).contiguous().view(torch.uint8)
+    return rows, _tile_scales(scale, torch.zeros_like(scale), blocks, pad)
 
 
-def linear_amx_int4(x: torch.Tensor, wq: torch.Tensor, sm: torch.Tensor, n: int) -> torch.Tensor:
-    """x [..., K] bf16 @ w.T -> [..., n] bf16 with w given as pack_amx_int4 (groups of 32 k)."""
+def linear_amx_int(x: torch.Tensor, wq: torch.Tensor, sm: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """x [..., K] bf16 @ w.T -> [..., n] bf16 with w given as pack_amx_int4 (bits 4) or pack_amx_int8 (8)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    _state["linear_amx_int4"](x2.data_ptr(), wq.data_ptr(), sm.data_ptr(), y.data_ptr(), x2.shape[0],
-                              x2.shape[1], n, torch.get_num_threads())
+    _state["linear_amx_int"](x2.data_ptr(), wq.data_ptr(), sm.data_ptr(), y.data_ptr(), x2.shape[0],
+                             x2.shape[1], n, bits, torch.get_num_threads())
     return y.view(*x.shape[:-1], n)
 
 
@@ -233,8 +251,8 @@ _LIBRARY.define("linear_bf16(Tensor x, Tensor w) -> Tensor")
 _LIBRARY.impl("linear_bf16", linear_bf16, "CPU")
 _LIBRARY.define("linear_amx(Tensor x, Tensor wp, int n) -> Tensor")
 _LIBRARY.impl("linear_amx", linear_amx, "CPU")
-_LIBRARY.define("linear_amx_int4(Tensor x, Tensor wq, Tensor sm, int n) -> Tensor")
-_LIBRARY.impl("linear_amx_int4", linear_amx_int4, "CPU")
+_LIBRARY.define("linear_amx_int(Tensor x, Tensor wq, Tensor sm, int n, int bits) -> Tensor")
+_LIBRARY.impl("linear_amx_int", linear_amx_int, "CPU")
 _LIBRARY.define("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, int offset, "
                 "Tensor lens) -> Tensor")
 _LIBRARY.impl("paged_decode_attention", paged_decode_attention, "CPU")
@@ -250,8 +268,8 @@ def _(x, wp, n):
     return x.new_empty(*x.shape[:-1], n)
 
 
-@torch.library.register_fake("recursa::linear_amx_int4")
-def _(x, wq, sm, n):
+@torch.library.register_fake("recursa::linear_amx_int")
+def _(x, wq, sm, n, bits):
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -262,5 +280,5 @@ def _(q, k_cache, v_cache, slots, offset, lens):
 
 linear_bf16_op = torch.ops.recursa.linear_bf16
 linear_amx_op = torch.ops.recursa.linear_amx
-linear_amx_int4_op = torch.ops.recursa.linear_amx_int4
+linear_amx_int_op = torch.ops.recursa.linear_amx_int
 paged_decode_attention_op = torch.ops.recursa.paged_decode_attention

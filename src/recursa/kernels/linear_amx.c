@@ -1,5 +1,6 @@
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -12,11 +13,11 @@
    A thread owns whole column blocks, so it streams its part of wp once, and for many rows keeps
    each block (at most a few hundred KiB) in its L2 cache across row chunks of 32.
 
-   recursa_linear_amx_int4 reads int4 weights instead, w = scale * q + minimum per group of 32 k
-   (one k block), and widens each tile to bf16 in L1 just before the tile load: per k block and
-   16-column tile, 16 rows of 16 bytes (byte b: element b in its low nibble, element b + 16 in its
-   high one; the elements of a row are the tile's bf16 pairs), 256 B, then per tile the 16
-   columns' scales and minimums (bf16, 64 B). */
+   recursa_linear_amx_int reads int4 or int8 weights instead, w = scale * q + minimum per group of
+   32 k (one k block), and widens each tile to bf16 in L1 just before the tile load: per k block
+   and 16-column tile, 16 rows (the tile's bf16 pairs) of 16 bytes for int4 (byte b: element b in
+   its low nibble, element b + 16 in its high one) or 32 signed bytes for int8; and in `sm`, per
+   tile, the 16 columns' scales and then minimums (bf16, 64 B). */
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -57,8 +58,9 @@ static inline void store_rows(const float *c, int rows, uint16_t *y, int64_t ldy
     }
 }
 
-/* one 16 x 32 bf16 tile (16 k-pairs x 16 columns) from its int4 row bytes, scales and minimums */
-static inline void widen_int4_tile(const uint8_t *q, const uint16_t *sm, uint16_t *out) {
+/* one 16 x 32 bf16 tile (16 k-pairs x 16 columns) from its integer rows, scales and minimums:
+   int4 rows of 16 bytes (element b low nibble, element b + 16 high) or int8 rows of 32 bytes */
+static inline void widen_tile(const uint8_t *q, const uint16_t *sm, uint16_t *out, int bits) {
     const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)sm)), 16));
     const __m512 m = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sm + 16))), 16));
     const __m512i pairs = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
@@ -67,16 +69,26 @@ static inline void widen_int4_tile(const uint8_t *q, const uint16_t *sm, uint16_
     const __m512 m_lo = _mm512_permutexvar_ps(pairs, m), m_hi = _mm512_permutexvar_ps(pairs_hi, m);
     const __m512i nibble = _mm512_set1_epi32(15);
     for (int i = 0; i < 16; ++i) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i)));
-        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, nibble)), s_lo, m_lo);
-        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s_hi, m_hi);
+        __m512i lo_q, hi_q;
+        if (bits == 4) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i)));
+            lo_q = _mm512_and_si512(v, nibble);
+            hi_q = _mm512_srli_epi32(v, 4);
+        } else {
+            lo_q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * i)));
+            hi_q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 32 * i + 16)));
+        }
+        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo_q), s_lo, m_lo);
+        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi_q), s_hi, m_hi);
         _mm512_store_si512(out + 32 * i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
 }
 
-/* y[:, 32 nb : 32 nb + 32] for all M rows: bf16 tiles from wb, or (wb NULL) widened from qb / smb */
+/* y[:, 32 nb : 32 nb + 32] for all M rows: bf16 tiles from wb, or (wb NULL) widened from the
+   `bits`-bit integer tiles qb with their scales and minimums smb */
 static inline void column_block(const uint16_t *x, const uint16_t *wb, const uint8_t *qb, const uint16_t *smb,
-                                uint16_t *y, int64_t M, int64_t K, int64_t N, int64_t nb, int *configured) {
+                                int bits, uint16_t *y, int64_t M, int64_t K, int64_t N, int64_t nb, int *configured) {
+    const int64_t tile = 64 * bits;   /* bytes of one integer tile: 16 rows of 32 elements */
     uint16_t widened[1024] __attribute__((aligned(64)));
     float c[4][256] __attribute__((aligned(64)));
     const int64_t KB = K / 32, lda = 2 * K, n0 = 32 * nb, left = N - n0;
@@ -92,10 +104,9 @@ static inline void column_block(const uint16_t *x, const uint16_t *wb, const uin
                 b = wb + kb * 1024;
                 PREFETCH(b + PREFETCH_AHEAD);
             } else {
-                _mm_prefetch((const char *)(qb + (kb + 8) * 512), _MM_HINT_T0);
-                _mm_prefetch((const char *)(qb + (kb + 8) * 512 + 64 * 4), _MM_HINT_T0);
-                widen_int4_tile(qb + kb * 512, smb + kb * 64, widened);
-                widen_int4_tile(qb + kb * 512 + 256, smb + kb * 64 + 32, widened + 512);
+                for (int64_t l = 0; l < 2 * tile; l += 64) _mm_prefetch((const char *)(qb + (kb + 8) * 2 * tile + l), _MM_HINT_T0);
+                widen_tile(qb + kb * 2 * tile, smb + kb * 64, widened, bits);
+                widen_tile(qb + kb * 2 * tile + tile, smb + kb * 64 + 32, widened + 512, bits);
             }
             _tile_loadd(4, x0 + 32 * kb, lda);
             _tile_loadd(6, b, 64);
@@ -126,20 +137,35 @@ void recursa_linear_amx(const uint16_t *x, const uint16_t *wp, uint16_t *y, int6
         int configured = -1;
         #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < NB; ++nb)
-            column_block(x, wp + nb * (K / 32) * 1024, 0, 0, y, M, K, N, nb, &configured);
+            column_block(x, wp + nb * (K / 32) * 1024, 0, 0, 16, y, M, K, N, nb, &configured);
         if (configured != -1) _tile_release();
     }
 }
 
-void recursa_linear_amx_int4(const uint16_t *x, const uint8_t *wq, const uint16_t *sm, uint16_t *y, int64_t M,
-                             int64_t K, int64_t N, int threads) {
-    const int64_t NB = (N + 31) / 32, KB = K / 32;
+/* int4 (bits 4) or int8 (bits 8) tiles, see the top of the file */
+void recursa_linear_amx_int(const uint16_t *x, const uint8_t *wq, const uint16_t *sm, uint16_t *y, int64_t M,
+                            int64_t K, int64_t N, int bits, int threads) {
+    const int64_t NB = (N + 31) / 32, KB = K / 32, tile = 64 * bits;
     #pragma omp parallel num_threads(threads)
     {
         int configured = -1;
+        /* more than one row chunk: widen a column block once into L2, then run it as bf16 tiles */
+        uint16_t *block = M > 32 ? aligned_alloc(64, KB * 2048) : 0;
         #pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < NB; ++nb)
-            column_block(x, 0, wq + nb * KB * 512, sm + nb * KB * 64, y, M, K, N, nb, &configured);
+        for (int64_t nb = 0; nb < NB; ++nb) {
+            const uint8_t *qb = wq + nb * KB * 2 * tile;
+            const uint16_t *smb = sm + nb * KB * 64;
+            if (block) {
+                for (int64_t kb = 0; kb < KB; ++kb) {
+                    widen_tile(qb + kb * 2 * tile, smb + kb * 64, block + kb * 1024, bits);
+                    widen_tile(qb + kb * 2 * tile + tile, smb + kb * 64 + 32, block + kb * 1024 + 512, bits);
+                }
+                column_block(x, block, 0, 0, 16, y, M, K, N, nb, &configured);
+            } else {
+                column_block(x, 0, qb, smb, bits, y, M, K, N, nb, &configured);
+            }
+        }
+        free(block);
         if (configured != -1) _tile_release();
     }
 }
