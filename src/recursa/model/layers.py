@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recursa import kernels
 from recursa.config import ModelConfig
 
 
@@ -34,6 +35,8 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)
         if x.dtype in (torch.bfloat16, torch.float16):
+            if self.weight.dtype == x.dtype and kernels.supports_elementwise(x):
+                return kernels.rms_norm_bf16(x, self.weight, self.eps)   # the same two roundings, one pass
             return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
@@ -188,6 +191,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         if self.gate_up_proj is not None:
+            if lora is None and kernels.supports_elementwise(x):
+                return self.down_proj(kernels.silu_mul_bf16(self.gate_up_proj(x)))
             ffn = self.gate_up_proj.out_features // 2
             gate, up = _project_fused(self.gate_up_proj, ("gate_proj", "up_proj"), [ffn, ffn], x, lora)
         else:

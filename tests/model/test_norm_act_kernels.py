@@ -1,0 +1,61 @@
+"""recursa's fused bf16 RMSNorm and SiLU-multiply kernels against the PyTorch ops they replace.
+
+Reference: the same bf16 ops in PyTorch (F.rms_norm then a bf16 multiply; F.silu then a bf16
+multiply). Both round where PyTorch rounds, so they may differ only where an fp32 value lies
+within an fp32 summation-order / exp-approximation error of a bf16 rounding boundary: at most
+one bf16 step, on a small fraction of the elements.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recursa import kernels
+from recursa.model import Decoder
+from recursa.model.quant import prepare
+from recursa.presets import preset
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
+
+
+def _close_to_bf16_step(got, ref):
+    step = ref.float().abs() * 2**-7 + 1e-30
+    diff = (got.float() - ref.float()).abs()
+    assert (diff <= step).all()
+    assert (diff > 0).float().mean() < 0.02
+
+
+@pytest.mark.parametrize("rows, dim", [(1, 64), (7, 576), (33, 128)])
+def test_rms_norm_matches_pytorch_bf16(rows, dim):
+    g = torch.Generator().manual_seed(rows * dim)
+    x = (torch.randn(rows, dim, generator=g) * 3).bfloat16()
+    w = (torch.rand(dim, generator=g) + 0.5).bfloat16()
+    with torch.no_grad():
+        _close_to_bf16_step(kernels.rms_norm_bf16(x, w, 1e-5), w * F.rms_norm(x, (dim,), eps=1e-5))
+        _close_to_bf16_step(kernels.rms_norm_bf16(x, None, 1e-5), F.rms_norm(x, (dim,), eps=1e-5))
+
+
+@pytest.mark.parametrize("rows, ffn", [(1, 64), (5, 1536)])
+def test_silu_mul_matches_pytorch_bf16(rows, ffn):
+    g = torch.Generator().manual_seed(rows + ffn)
+    gate_up = (torch.randn(rows, 2 * ffn, generator=g) * 4).bfloat16()
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0]).bfloat16()   # saturated tails, zero
+    gate, up = gate_up.chunk(2, dim=-1)
+    with torch.no_grad():
+        got = kernels.silu_mul_bf16(gate_up)
+    assert got.shape == (rows, ffn)
+    _close_to_bf16_step(got, F.silu(gate) * up)
+
+
+def test_the_bf16_model_uses_them_in_inference_only(monkeypatch):
+    torch.manual_seed(0)
+    model = prepare(Decoder(preset("tiny")).eval(), "bfloat16")
+    calls = []
+    monkeypatch.setattr(kernels, "rms_norm_bf16", lambda *a: calls.append("norm") or torch.zeros_like(a[0]))
+    ids = torch.tensor([[5, 17, 99]])
+    with torch.no_grad():
+        model(ids)
+    assert calls.count("norm") == 2 * len(model.layers) + 1          # two per block and the final norm
+    calls.clear()
+    with torch.enable_grad():
+        model(ids)                                                    # autograd: PyTorch's own ops
+    assert calls == []
