@@ -59,3 +59,20 @@ def test_the_bf16_model_uses_them_in_inference_only(monkeypatch):
     with torch.enable_grad():
         model(ids)                                                    # autograd: PyTorch's own ops
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_gives_pytorchs_bits(dtype):
+    from recursa.model.layers import apply_rope, rope_cos_sin, rope_frequencies
+
+    torch.manual_seed(0)
+    n, heads, kv_heads, hd = 5, 3, 1, 64
+    flat = torch.randn(1, n, (heads + 2 * kv_heads) * hd).to(dtype)
+    flat[0, 0, :4] = torch.tensor([0.0, -0.0, 1e-30, -2.0])
+    cos, sin = rope_cos_sin(rope_frequencies(hd, 10000.0), torch.tensor([0, 1, 7, 100, 4000]), dtype)
+    qkv = flat.view(1, n, heads + 2 * kv_heads, hd).transpose(1, 2)
+    ref = apply_rope(qkv[:, :heads + kv_heads], cos, sin)
+    with torch.no_grad():
+        got = kernels.rope_qk(flat, cos, sin, heads + kv_heads, hd)
+    assert got.shape == ref.shape and torch.equal(got, ref)   # same roundings: the same bits, signed zeros too
+    assert torch.equal(torch.signbit(got), torch.signbit(ref))

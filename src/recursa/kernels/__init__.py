@@ -12,8 +12,9 @@ two thirds of it at 32 rows. Needs a CPU with AMX-BF16 (Sapphire Rapids and late
 permission for the tile state; elsewhere `amx_available()` is False and callers keep the GEMV
 and oneDNN. RECURSA_AMX=0 turns only this kernel off.
 
-`rms_norm_bf16(x, w, eps)`, `silu_mul_bf16(gate_up)`: a bf16 layer's norms and its MLP's
-activation in one pass each, in eager mode (about a tenth of a step at 32 tokens went to the
+`rms_norm_bf16(x, w, eps)`, `silu_mul_bf16(gate_up)`, `rope_qk(qkv, cos, sin, ...)`: a layer's
+norms, its MLP's activation (bf16) and rope on its queries and keys (bf16, fp32) in one pass each,
+in eager mode (about a tenth of a step at 32 tokens went to the
 five to eight PyTorch ops each of them takes in bf16).
 
 `paged_decode_attention(q, k_cache, v_cache, slots, offset, lens)`: attention of one query per
@@ -50,7 +51,8 @@ _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argume
     "paged_attention": {"paged_decode_attention": ([_P] * 4 + [_I64] * 2 + [_P] * 2 + [_I64] * 4
                                                    + [ctypes.c_float, _I, _I], _I)},
     "norm_act": {"rms_norm_bf16": ([_P] * 3 + [_I64] * 2 + [ctypes.c_float, _I], None),
-                 "silu_mul_bf16": ([_P] * 2 + [_I64] * 2 + [_I], None)},
+                 "silu_mul_bf16": ([_P] * 2 + [_I64] * 2 + [_I], None),
+                 "rope_qk": ([_P] * 4 + [_I64] * 4 + [_I, _I], None)},
     "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None),
                    "linear_amx_int": ([_P] * 4 + [_I64] * 3 + [_I, _I], None), "amx_init": ([], _I)},
 }
@@ -75,9 +77,11 @@ def _cpu_has_avx512_bf16() -> bool:
 def _build(name: str):
     """Compile kernels/<name>.c (once per source hash) and put its functions into _state."""
     source_path = _HERE / f"{name}.c"
-    source = source_path.read_bytes()
+    flags = ["-O3", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl", "-ffp-contract=off",
+             *_FLAGS.get(name, []), "-fopenmp", "-shared", "-fPIC"]
+    digest = hashlib.sha256(source_path.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("RECURSA_KERNEL_CACHE", Path.home() / ".cache" / "recursa" / "kernels"))
-    target = cache / hashlib.sha256(source).hexdigest()[:16] / f"{name}.so"
+    target = cache / digest / f"{name}.so"
     if not target.is_file():
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
@@ -86,8 +90,7 @@ def _build(name: str):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, "-O3", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl",
-                            *_FLAGS.get(name, []), "-fopenmp", "-shared", "-fPIC", str(source_path), "-o", tmp, "-lm"],
+            subprocess.run([compiler, *flags, str(source_path), "-o", tmp, "-lm"],
                            check=True, capture_output=True, text=True)
             os.replace(tmp, target)
         except subprocess.CalledProcessError as e:
@@ -245,6 +248,27 @@ def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
     _state["silu_mul_bf16"](gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * ffn), ffn,
                             torch.get_num_threads())
     return y
+
+
+def supports_rope(qkv: torch.Tensor, cos: torch.Tensor, head_dim: int) -> bool:
+    """Whether rope_qk takes this fused projection: one packed row [1, N, heads * hd] on the CPU in
+    fp32 or bf16 (cos alike, one row per token), hd a multiple of 32, eager inference."""
+    return (qkv.dim() == 3 and qkv.shape[0] == 1 and qkv.dtype in (torch.float32, torch.bfloat16)
+            and qkv.device.type == "cpu" and cos.dtype == qkv.dtype and head_dim % 32 == 0
+            and cos.numel() == qkv.shape[1] * head_dim and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and available())
+
+
+def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """The first `heads` heads of qkv [1, N, heads_total * hd] rotated: [1, heads, N, hd], as
+    x * cos + rotate_half(x) * sin in PyTorch (same roundings; fp32: the same bits)."""
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    n = qkv.shape[1]
+    out = qkv.new_empty(1, heads, n, head_dim)
+    _state["rope_qk"](qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), n,
+                      qkv.shape[2] // head_dim, heads, head_dim, int(qkv.dtype == torch.bfloat16),
+                      torch.get_num_threads())
+    return out
 
 
 def supports_attention(n_heads: int, k_cache: torch.Tensor, dtype: torch.dtype) -> bool:

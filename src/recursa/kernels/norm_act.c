@@ -64,3 +64,41 @@ void recursa_silu_mul_bf16(const uint16_t *gate_up, uint16_t *y, int64_t rows, i
         }
     }
 }
+
+/* rope on the query and key heads of a fused q/k/v projection: qkv [N, heads_total, hd] -> out
+   [heads, N, hd] (the first `heads` heads: queries then keys), cos / sin [N, hd] with equal
+   halves; out = x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype as
+   PyTorch's ops round them (bf16 1) or computed in fp32 op by op (bf16 0: the same bits). */
+static inline __m512 load_any(const void *p, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
+}
+
+static inline __m512 rounded(__m512 v, int bf16) { return bf16 ? round_bf16(v) : v; }
+
+static inline __m512 negated(__m512 v) {   /* -v, signed zeros included */
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000)));
+}
+
+static inline void store_any(void *p, int64_t i, __m512 v, int bf16) {
+    if (bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
+    else _mm512_storeu_ps((float *)p + i, v);
+}
+
+void recursa_rope_qk(const void *qkv, const void *cos, const void *sin, void *out, int64_t n, int64_t heads_total,
+                     int64_t heads, int64_t hd, int bf16, int threads) {
+    const int64_t half = hd / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n * heads > 64)
+    for (int64_t j = 0; j < n * heads; ++j) {
+        const int64_t h = j / n, t = j % n, src = (t * heads_total + h) * hd, dst = (h * n + t) * hd;
+        for (int64_t i = 0; i < half; i += 16) {
+            const __m512 x1 = load_any(qkv, src + i, bf16), x2 = load_any(qkv, src + half + i, bf16);
+            const __m512 c1 = load_any(cos, t * hd + i, bf16), c2 = load_any(cos, t * hd + half + i, bf16);
+            const __m512 s1 = load_any(sin, t * hd + i, bf16), s2 = load_any(sin, t * hd + half + i, bf16);
+            const __m512 lo = _mm512_add_ps(rounded(_mm512_mul_ps(x1, c1), bf16),
+                                            rounded(_mm512_mul_ps(negated(x2), s1), bf16));
+            const __m512 hi = _mm512_add_ps(rounded(_mm512_mul_ps(x2, c2), bf16), rounded(_mm512_mul_ps(x1, s2), bf16));
+            store_any(out, dst + i, lo, bf16);
+            store_any(out, dst + half + i, hi, bf16);
+        }
+    }
+}

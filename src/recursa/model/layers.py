@@ -123,8 +123,12 @@ class Attention(nn.Module):
         """Project and rotate: q [B,H,T,hd], k/v [B,Hkv,T,hd] for the new tokens."""
         B, T, _ = x.shape
         if self.qkv_proj is not None and lora is None:   # q and k rotated together: one rope, not two
-            qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
-            qk = apply_rope(qkv[:, :self.n_heads + self.n_kv_heads], cos, sin)
+            flat = self.qkv_proj(x)
+            qkv = flat.view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if kernels.supports_rope(flat, cos, self.head_dim):
+                qk = kernels.rope_qk(flat, cos, sin, self.n_heads + self.n_kv_heads, self.head_dim)
+            else:
+                qk = apply_rope(qkv[:, :self.n_heads + self.n_kv_heads], cos, sin)
             return qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv_heads:]
         q, k, v = self._projections(x, lora)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
