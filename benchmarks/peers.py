@@ -4,8 +4,9 @@ Same model (SmolLM2-135M: recursa's model directory, its HF export for transform
 Q4_1 GGUF `recursa models fetch` caches for llama.cpp), same prompts (--prompts random token-id
 prompts of 8-48 tokens, seeded), greedy, exactly --new-tokens tokens each, two loads: one request
 at a time (batch 1, the first --batch1-prompts prompts in turn) and all --prompts prompts at once
-(32 concurrent). Precisions: fp32 and bf16 for recursa, HF and vLLM; int8 and int4 for recursa
-(when its LLM takes `dtype=`/`quantization=`; otherwise those rows say so); Q4_1 for llama.cpp.
+(32 concurrent). Precisions: fp32 and bf16 for recursa, HF and vLLM; int8, int4 and int4h8 for
+recursa (int4h8: int4 projections with an int8 LM head, as the GGUF has them: Q4_1 and Q8_0; when
+its LLM takes `dtype=`/`quantization=`; otherwise those rows say so); Q4_1 for llama.cpp.
 `recursa-tc` rows are recursa with `compile=True` (torch.compile of each span, like vLLM's CPU
 build compiles its model; its warm-up compiles for a few minutes).
 
@@ -47,7 +48,8 @@ import peers_env  # noqa: E402
 import roofline_dtypes  # noqa: E402
 
 CELLS = [("recursa", "fp32"), ("recursa", "bf16"), ("recursa", "int8"), ("recursa", "int4"),
-         ("recursa-tc", "fp32"), ("recursa-tc", "bf16"), ("recursa-tc", "int4"), ("hf", "fp32"),
+         ("recursa", "int4h8"), ("recursa-tc", "fp32"), ("recursa-tc", "bf16"), ("recursa-tc", "int4"),
+         ("recursa-tc", "int4h8"), ("hf", "fp32"),
          ("hf", "bf16"), ("vllm", "fp32"), ("vllm", "bf16"), ("llama.cpp", "q4_1")]
 LOADS = ("batch 1", "concurrent")
 MARK = "@@peers "  # the prefix of peers_worker.py's replies on its stdout
@@ -250,8 +252,9 @@ def main() -> None:
         if engine in notes or err:
             row["note"] = notes.get(engine) or err[0]
         if ceilings and ("batch1_tok_s" in row or "concurrent_tok_s" in row):
-            row["roofline"] = roofline_dtypes.fractions(
-                model, ceilings, precision, ctx, row.get("batch1_tok_s"), row.get("concurrent_tok_s"),
+            row["roofline"] = roofline_dtypes.fractions(   # int4h8 (int8 head) held against int4's
+                model, ceilings, "int4" if precision == "int4h8" else precision, ctx,
+                row.get("batch1_tok_s"), row.get("concurrent_tok_s"),
                 weight_bytes=gguf_bytes if engine == "llama.cpp" else None)
         if engine in engines:
             rows.append(row)
@@ -262,10 +265,10 @@ def main() -> None:
     c = args.prompts
     print(f"\nSmolLM2-135M, {args.new_tokens} new tokens greedy, {args.threads} threads, median of {args.repeats}; "
           f"batch 1 = {len(one)} prompts in turn, {c} concurrent = {c} prompts at once")
-    print(f"{'engine':<11}{'prec':<6}{'b1 tok/s':>9}{'CPU':>5}{'=HF32':>6}{'=HF16':>6}"
+    print(f"{'engine':<11}{'prec':<7}{'b1 tok/s':>9}{'CPU':>5}{'=HF32':>6}{'=HF16':>6}"
           f"{f'{c}x tok/s':>10}{'CPU':>5}{'=HF32':>6}{'=HF16':>6}  note")
     for r in rows:
-        print(f"{r['engine']:<11}{r['precision']:<6}{cell(r.get('batch1_tok_s')):>9}"
+        print(f"{r['engine']:<11}{r['precision']:<7}{cell(r.get('batch1_tok_s')):>9}"
               f"{cell(r.get('batch1_cpu_share'), pct):>5}{cell(r.get('batch1_agree_hf_fp32'), pct):>6}"
               f"{cell(r.get('batch1_agree_hf_bf16'), pct):>6}{cell(r.get('concurrent_tok_s')):>10}"
               f"{cell(r.get('concurrent_cpu_share'), pct):>5}{cell(r.get('concurrent_agree_hf_fp32'), pct):>6}"
@@ -274,13 +277,13 @@ def main() -> None:
         print("\n" + roofline_dtypes.format_ceilings(ceilings))
         print(f"\nroofline (context {ctx:.0f}): batch 1 vs its format's bare-kernel ceiling and copy bandwidth; "
               f"{c} concurrent vs the batch-32 kernel ceiling and the format's GEMM peak")
-        print(f"{'engine':<11}{'prec':<6}{'MB/tok':>7}{'b1 %kern':>9}{'b1 GB/s':>8}{'%BW':>6}"
+        print(f"{'engine':<11}{'prec':<7}{'MB/tok':>7}{'b1 %kern':>9}{'b1 GB/s':>8}{'%BW':>6}"
               f"{'32x %kern':>10}{'GFLOP/s':>8}{'%peak':>6}")
         for r in rows:
             f = r.get("roofline")
             if not f:
                 continue
-            print(f"{r['engine']:<11}{r['precision']:<6}{f['bytes_per_token'] / 1e6:>7.1f}"
+            print(f"{r['engine']:<11}{r['precision']:<7}{f['bytes_per_token'] / 1e6:>7.1f}"
                   f"{cell(f.get('batch1_of_kernel'), pct):>9}{cell(f.get('batch1_bytes_s') and f['batch1_bytes_s'] / 1e9, '{:.2f}'):>8}"
                   f"{cell(f.get('batch1_of_bandwidth'), pct):>6}{cell(f.get('many_of_kernel32'), pct):>10}"
                   f"{cell(f.get('many_flop_s') and f['many_flop_s'] / 1e9):>8}{cell(f.get('many_of_gemm_peak'), pct):>6}")

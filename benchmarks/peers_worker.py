@@ -36,7 +36,8 @@ def recursa_engine(args, compile: bool = False):
     torch.set_num_threads(args.threads)
     kwargs = {"fp32": {}, "bf16": {"dtype": "bfloat16"},
               "int8": {"dtype": "bfloat16", "quantization": "int8"},
-              "int4": {"dtype": "bfloat16", "quantization": "int4"}}[args.precision]
+              "int4": {"dtype": "bfloat16", "quantization": "int4"},
+              "int4h8": {"dtype": "bfloat16", "quantization": "int4", "head_quantization": "int8"}}[args.precision]
     try:
         llm = recursa.LLM(args.model, max_num_seqs=args.concurrency, max_num_batched_tokens=1024, compile=compile,
                           **kwargs)
