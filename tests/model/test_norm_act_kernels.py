@@ -76,3 +76,20 @@ def test_rope_kernel_gives_pytorchs_bits(dtype):
         got = kernels.rope_qk(flat, cos, sin, heads + kv_heads, hd)
     assert got.shape == ref.shape and torch.equal(got, ref)   # same roundings: the same bits, signed zeros too
     assert torch.equal(torch.signbit(got), torch.signbit(ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_max_is_torch_max(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(6, 1000).to(dtype)          # 1000: a tail past the last full vector
+    x[1, 3] = x[1, 900] = 50.0                   # a tie: the first index, as torch.max gives it
+    x[2, 999] = 60.0                             # the maximum in the tail
+    x[3, 500] = float("nan")                     # a row that cannot be sampled
+    x[4] = float("-inf")
+    x[5, 7] = float("inf")
+    best, index = kernels.row_max(x)
+    ref_best, ref_index = x.float().max(dim=-1)
+    assert torch.equal(best.isnan(), ref_best.isnan()) and best.isnan().tolist() == [False, False, False, True, False, False]
+    ok = ~ref_best.isnan()
+    assert torch.equal(best[ok], ref_best[ok]) and torch.equal(index[ok], ref_index[ok])
+    assert index[1] == 3 and index[2] == 999 and index[5] == 7

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from recursa import kernels
+
 
 def _keep_top(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask to -inf what top-k (k [N], 0 = off) and then top-p (p [N], 1 = off) cut from logits [N, V]."""
@@ -38,7 +40,7 @@ def sample_rows(logits: torch.Tensor, temperatures, top_ks, top_ps, generators) 
 
     A row whose logits hold NaN/inf cannot be sampled: it gets None (the row maximum tells, at no
     extra pass; max() propagates NaN) and the engine finishes that request alone with "error"."""
-    best, greedy = logits.max(dim=-1)
+    best, greedy = kernels.row_max(logits) or logits.max(dim=-1)
     finite = torch.isfinite(best)
     if all(t <= 0 for t in temperatures):
         return [t if ok else None for t, ok in zip(greedy.tolist(), finite.tolist())]

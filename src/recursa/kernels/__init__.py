@@ -17,6 +17,9 @@ norms, its MLP's activation (bf16) and rope on its queries and keys (bf16, fp32)
 in eager mode (about a tenth of a step at 32 tokens went to the
 five to eight PyTorch ops each of them takes in bf16).
 
+`row_max(logits)`: greedy decoding's maximum and its index per row (torch.max over a 49k
+vocabulary costs ~60 us a row on this CPU).
+
 `paged_decode_attention(q, k_cache, v_cache, slots, offset, lens)`: attention of one query per
 request over its paged cache, reading keys/values where they lie (fp32 or bf16): no gathered copy
 of the context, no padding mask, one call per depth instead of a gather, a mask and SDPA.
@@ -53,11 +56,12 @@ _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argume
     "norm_act": {"rms_norm_bf16": ([_P] * 3 + [_I64] * 2 + [ctypes.c_float, _I], None),
                  "silu_mul_bf16": ([_P] * 2 + [_I64] * 2 + [_I], None),
                  "rope_qk": ([_P] * 4 + [_I64] * 4 + [_I, _I], None)},
+    "row_max": {"row_max": ([_P] * 3 + [_I64] * 2 + [_I, _I], None)},
     "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None),
                    "linear_amx_int": ([_P] * 4 + [_I64] * 3 + [_I, _I], None), "amx_init": ([], _I)},
 }
 _FLAGS = {"linear_amx": ["-mamx-tile", "-mamx-bf16"]}   # beyond the common ones
-_BASE = ("linear_bf16", "paged_attention", "norm_act")               # built by _load; linear_amx on demand
+_BASE = ("linear_bf16", "paged_attention", "norm_act", "row_max")               # built by _load; linear_amx on demand
 _state: dict = {}   # the loaded functions by name, and what _load / amx_available found
 
 
@@ -269,6 +273,19 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                       qkv.shape[2] // head_dim, heads, head_dim, int(qkv.dtype == torch.bfloat16),
                       torch.get_num_threads())
     return out
+
+
+def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maximum fp32 [rows], first index int64 [rows]) of each row of x [rows, n] (fp32 or bf16, CPU),
+    as x.max(dim=-1) (NaN rows: NaN); ~20x faster on a 49k-entry vocabulary. None if it cannot run."""
+    if x.dim() != 2 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not available():
+        return None
+    x = x.contiguous()
+    best = torch.empty(x.shape[0], dtype=torch.float32)
+    index = torch.empty(x.shape[0], dtype=torch.int64)
+    _state["row_max"](x.data_ptr(), best.data_ptr(), index.data_ptr(), x.shape[0], x.shape[1],
+                      int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    return best, index
 
 
 def supports_attention(n_heads: int, k_cache: torch.Tensor, dtype: torch.dtype) -> bool:
