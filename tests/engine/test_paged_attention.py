@@ -57,3 +57,20 @@ def test_engine_decodes_through_the_kernel(monkeypatch):
     outs = llm.generate([[5, 17, 99], [1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert all(len(o.token_ids) == 4 for o in outs)
     assert calls and max(calls) == 2 and len(calls) % len(model.layers) == 0   # both requests, every layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_is_index_copy(dtype):
+    torch.manual_seed(0)
+    kc, vc = torch.randn(40, 3, 64).to(dtype), torch.randn(40, 3, 64).to(dtype)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    qkv = torch.randn(1, 9, 5, 64).to(dtype)          # [1, heads, n, hd]: k and v as strided views
+    k, v = qkv[0, 3:6].transpose(0, 1), qkv[0, 6:9].transpose(0, 1)
+    slots = torch.tensor([7, 0, 39, 12, 13])
+    assert kernels.kv_write(kc, vc, slots, k, v)
+    ref_k.index_copy_(0, slots, k)
+    ref_v.index_copy_(0, slots, v)
+    assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+    with pytest.raises(IndexError):
+        kernels.kv_write(kc, vc, torch.tensor([1, 2, 3, 4, 40]), k, v)
+    assert torch.equal(kc, ref_k)                       # nothing written

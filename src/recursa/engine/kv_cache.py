@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from recursa import kernels
 from recursa.engine.sequence import Sequence
 from recursa.errors import RecursaError
 
@@ -123,8 +124,9 @@ class KVCacheManager:
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys/values [n, Hkv, hd] of n tokens at their slots [n]."""
-        self.k.index_copy_(0, slots, k)
-        self.v.index_copy_(0, slots, v)
+        if not kernels.kv_write(self.k, self.v, slots, k, v):   # one C call on the CPU, in eager mode
+            self.k.index_copy_(0, slots, k)
+            self.v.index_copy_(0, slots, v)
         self.entries_written += len(slots)
 
     def read(self, slots: torch.Tensor):

@@ -55,7 +55,8 @@ _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argume
                                                    + [ctypes.c_float, _I, _I], _I)},
     "norm_act": {"rms_norm_bf16": ([_P] * 3 + [_I64] * 2 + [ctypes.c_float, _I], None),
                  "silu_mul_bf16": ([_P] * 2 + [_I64] * 2 + [_I], None),
-                 "rope_qk": ([_P] * 4 + [_I64] * 4 + [_I, _I], None)},
+                 "rope_qk": ([_P] * 4 + [_I64] * 4 + [_I, _I], None),
+                 "kv_write": ([_P, _P, _I64, _P, _P, _P] + [_I64] * 8, _I)},
     "row_max": {"row_max": ([_P] * 3 + [_I64] * 2 + [_I, _I], None)},
     "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None),
                    "linear_amx_int": ([_P] * 4 + [_I64] * 3 + [_I, _I], None), "amx_init": ([], _I)},
@@ -273,6 +274,24 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                       qkv.shape[2] // head_dim, heads, head_dim, int(qkv.dtype == torch.bfloat16),
                       torch.get_num_threads())
     return out
+
+
+def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> bool:
+    """k_cache[slots] = k and v_cache[slots] = v (k, v [n, Hkv, hd] at any strides with contiguous
+    heads; caches contiguous, of k's dtype) in one call, as index_copy_ does in two. Returns False,
+    writing nothing, where it cannot run (the caller then uses index_copy_)."""
+    if (k.device.type != "cpu" or k.dtype != k_cache.dtype or v.dtype != v_cache.dtype or k.dtype != v.dtype
+            or k.stride(-1) != 1 or v.stride(-1) != 1 or slots.dtype != torch.int64 or not slots.is_contiguous()
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape)
+            or torch.compiler.is_compiling() or not available()):
+        return False
+    status = _state["kv_write"](k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], slots.data_ptr(),
+                                k.data_ptr(), v.data_ptr(), k.shape[0], k.shape[1], k.shape[2], k.stride(0),
+                                k.stride(1), v.stride(0), v.stride(1), k.element_size())
+    if status:
+        raise IndexError("kv_write: a cache slot is out of range")
+    return True
 
 
 def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* The elementwise parts of a bf16 layer in one pass each, rounded where PyTorch's bf16 ops round:
    rms_norm:  y = bf16(w * bf16(x / rms(x)))        (x / rms in fp32, HF Llama's order)
@@ -101,4 +102,23 @@ void recursa_rope_qk(const void *qkv, const void *cos, const void *sin, void *ou
             store_any(out, dst + half + i, hi, bf16);
         }
     }
+}
+
+/* keys and values of n new tokens into their cache slots: k, v [n, heads, hd] at any strides (in
+   elements; each head's hd values contiguous), caches [num_slots, heads, hd] contiguous, elem
+   bytes an element. Returns 1, writing nothing, if a slot is out of range. */
+int recursa_kv_write(void *k_cache, void *v_cache, int64_t num_slots, const int64_t *slots, const void *k,
+                     const void *v, int64_t n, int64_t heads, int64_t hd, int64_t k_stride_n, int64_t k_stride_h,
+                     int64_t v_stride_n, int64_t v_stride_h, int64_t elem) {
+    const int64_t row = heads * hd * elem, bytes = hd * elem;
+    for (int64_t t = 0; t < n; ++t)
+        if (slots[t] < 0 || slots[t] >= num_slots) return 1;
+    for (int64_t t = 0; t < n; ++t) {
+        char *kd = (char *)k_cache + slots[t] * row, *vd = (char *)v_cache + slots[t] * row;
+        for (int64_t h = 0; h < heads; ++h) {
+            memcpy(kd + h * bytes, (const char *)k + (t * k_stride_n + h * k_stride_h) * elem, bytes);
+            memcpy(vd + h * bytes, (const char *)v + (t * v_stride_n + h * v_stride_h) * elem, bytes);
+        }
+    }
+    return 0;
 }
