@@ -70,7 +70,7 @@ def test_bf16_linear_routes_small_inputs_to_a_kernel_and_large_ones_to_f_linear(
 
 @needs_kernel
 def test_without_amx_bf16_decode_takes_the_gemv(monkeypatch):
-    monkeypatch.setitem(kernels._state, "amx", False)
+    monkeypatch.setitem(kernels.build._state, "amx", False)
     layer = CPULinear.of(torch.nn.Parameter(torch.randn(32, 64).bfloat16(), requires_grad=False))
     assert layer.amx_packed is None
     x = torch.randn(2, 64).bfloat16()
@@ -124,11 +124,11 @@ def test_fp32_cpu_linear_matches_f_linear_at_every_size():
 
 
 def test_without_a_compiler_the_kernels_are_off_and_bf16_stays_on_f_linear(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_state", {})                     # forget the library loaded so far
+    monkeypatch.setattr(kernels.build, "_state", {})                     # forget the library loaded so far
     monkeypatch.setenv("RECURSA_KERNEL_CACHE", str(tmp_path))      # nothing built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.delenv("RECURSA_KERNELS", raising=False)
-    if not kernels._cpu_has_avx512_bf16():
+    if not kernels.build._cpu_has_avx512_bf16():
         pytest.skip("no AVX512-BF16: the kernels are off for that reason")
     assert not kernels.available() and "no-such-compiler" in kernels.unavailable_reason()
     assert not any(tmp_path.rglob("*.so*"))                        # no half-built library left behind
@@ -139,6 +139,6 @@ def test_without_a_compiler_the_kernels_are_off_and_bf16_stays_on_f_linear(monke
 
 
 def test_kernels_can_be_turned_off(monkeypatch):
-    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels.build, "_state", {})
     monkeypatch.setenv("RECURSA_KERNELS", "0")
     assert not kernels.available() and "RECURSA_KERNELS=0" in kernels.unavailable_reason()
