@@ -5,12 +5,15 @@ dot products (`vdpbf16ps`, fp32 accumulation), reading each weight row once. PyT
 F.linear (oneDNN) runs batch-1 GEMV on this kind of CPU at about half the memory bandwidth, below
 even fp32 (benchmarks/RESULTS.md), and at batch 1 the weight read is the whole cost of a layer.
 
-`linear_amx(x, wp, n)`: the bf16 matmul for up to `AMX_MAX_ROWS` rows on AMX tiles (TDPBF16PS,
-fp32 accumulation) over a weight packed once by `pack_amx`: decode at any batch size the engine
-runs reads the weights at close to memory bandwidth, where oneDNN's packed GEMM reaches about
-two thirds of it at 32 rows. Needs a CPU with AMX-BF16 (Sapphire Rapids and later) and Linux's
-permission for the tile state; elsewhere `amx_available()` is False and callers keep the GEMV
-and oneDNN. RECURSA_AMX=0 turns only this kernel off.
+`linear_amx(x, wp, n)`: the bf16 matmul on AMX tiles (TDPBF16PS, fp32 accumulation) over a
+weight packed once by `pack_amx`, for up to `AMX_MAX_ROWS` rows: over SmolLM2's matrices, 2
+threads, it streamed 12-13 GB/s at 1-4 rows and 9.3 at 32, against oneDNN's 10 and 8.2
+(benchmarks/cpu_kernels.py); at 64 rows oneDNN's is ahead. `linear_amx_int(x, wq, sm, n, bits)`
+runs the same tiles over int4 or int8 weights (`pack_amx_int4`, `pack_amx_int8`), widening each
+tile to bf16 in L1 first: 4.5-9x torch's int4 kernel at 32-256 rows, 4.5-10x its int8 kernel.
+They need a CPU with AMX-BF16 (Sapphire Rapids and later) and Linux's permission for the tile
+state; elsewhere `amx_available()` is False and callers keep the GEMV, oneDNN and torch's
+kernels. RECURSA_AMX=0 turns only these off.
 
 `rms_norm_bf16(x, w, eps)`, `silu_mul_bf16(gate_up)`, `rope_qk(qkv, cos, sin, ...)`: a layer's
 norms, its MLP's activation (bf16) and rope on its queries and keys (bf16, fp32) in one pass each,
@@ -24,13 +27,15 @@ vocabulary costs ~60 us a row on this CPU).
 request over its paged cache, reading keys/values where they lie (fp32 or bf16): no gathered copy
 of the context, no padding mask, one call per depth instead of a gather, a mask and SDPA.
 
-Each source (kernels/*.c) compiles once per source hash into ~/.cache/recursa/kernels (override:
-RECURSA_KERNEL_CACHE) with `cc -O3 -mavx512f -mavx512bf16 -fopenmp`, written to a temporary file
-and renamed; the shared library joins the OpenMP runtime torch already loaded (one thread pool).
+Each source (kernels/*.c) compiles once per source-and-flags hash into ~/.cache/recursa/kernels
+(override: RECURSA_KERNEL_CACHE) with `cc -O3 -mavx512f -mavx512bf16 ... -fopenmp` (kernels/build.py),
+written to a temporary file and renamed; the shared library joins the OpenMP runtime torch already loaded (one thread pool).
 `available()` is False, with the reason in `unavailable_reason()`, where the CPU lacks AVX512-BF16,
 no compiler is found, or a build fails: callers then keep the PyTorch path (F.linear, SDPA).
 RECURSA_KERNELS=0 turns the kernels off. Inside torch.compile the kernels are the opaque custom
-ops `recursa::linear_bf16`, `recursa::linear_amx` and `recursa::paged_decode_attention`.
+ops `recursa::linear_bf16`, `recursa::linear_amx`, `recursa::linear_amx_int` and
+`recursa::paged_decode_attention`; the elementwise passes stay out of compiled graphs (inductor
+fuses those itself).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from recursa.kernels import build
 from recursa.kernels.build import available
 
 MAX_ROWS = 4   # rows (tokens) up to which the GEMV beats oneDNN; more rows go to F.linear
-AMX_MAX_ROWS = 64   # rows up to which the AMX kernel beats oneDNN's packed GEMM (which reuses x better)
+AMX_MAX_ROWS = 32   # bf16 rows up to which AMX tiles beat oneDNN's packed GEMM (benchmarks/cpu_kernels.py)
 
 
 def _tile_scales(scale: torch.Tensor, minimum: torch.Tensor, blocks: int, pad: int) -> torch.Tensor:
