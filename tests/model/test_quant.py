@@ -233,3 +233,12 @@ def test_cuda_dequant_fallback_matches_cpu_kernels():
         ref = m(x).float()
         out = copy.deepcopy(m).cuda()(x.cuda()).float().cpu()
         torch.testing.assert_close(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.skipif(not kernels.amx_available(), reason="no AMX-BF16")
+def test_compiled_int4_linear_calls_the_same_amx_kernel():
+    torch.manual_seed(0)
+    m = Int4Linear.from_float(torch.randn(64, 96) * 0.05, group_size=32).to(torch.bfloat16)
+    x = _x(1, 24, 96)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(m, dynamic=True)(x), m(x))
