@@ -1,0 +1,301 @@
+"""Calibrated early exit: the exit threshold that keeps agreement with full depth above a target.
+
+`calibrate(model, data, target=0.95, delta=0.05)` picks one confidence threshold, shared by all
+of the model's exits, such that, with probability at least 1 - delta over the calibration sample,
+the exit rule's tokens agree with the full model's on at least `target` of the tokens (CALM's
+"Learn then Test" calibration, reduced to per-token agreement):
+
+- Replay, not decoding. A calibration sequence is a prompt from the corpus plus the model's own
+  full-depth greedy continuation (`source="greedy"`, the default) or the corpus tokens that follow
+  (`source="corpus"`, teacher-forced). One full forward of it gives, at every position that the
+  engine decides by the exit rule (every new token but the first, which comes from the prefill at
+  full depth), each exit's confidence (`ExitPolicy.confidences`, the engine's own measure code,
+  with the same saturation reference) and whether that exit's argmax equals the final layer's.
+  Greedy continuations are the default because they are the contexts the engine meets when it
+  decodes greedily: with exact KV (parallel decoding, self-speculation) the engine's hidden states on
+  a prefix equal the full forward's, so the replay is the engine's decision token for token until
+  the first disagreement. Corpus text is cheaper (no decoding) but is text the model would not
+  write, on which it is less sure, so its thresholds come out more conservative.
+- The rule, not each exit alone: under threshold t a token leaves at the FIRST exit whose
+  confidence is >= t, else at full depth, so agreement is counted for the whole rule.
+- Fixed-sequence testing: candidate thresholds (quantiles of the observed confidences) are tested
+  from the most conservative (high) down; each must have a one-sided Clopper-Pearson lower bound at
+  confidence 1 - delta on its agreement >= target; the first failure ends the sequence, and the
+  last one that passed is chosen. Testing in a fixed order spends the whole delta on each test
+  without a multiplicity correction. When none passes, the result is full depth (no exit policy).
+- Then the chosen rule is replayed on a separate split of the same corpus (disjoint text), whose
+  agreement and mean depth are reported next to the calibration figures.
+
+Caveats, stated in the result: the bound treats tokens as independent draws (tokens of one
+sequence are correlated, so the stated confidence is optimistic), it is a per-token agreement given
+the same prefix (a benchmark that compares whole greedy sequences index by index counts every token
+after a first divergence as well), and for state copying (approximate KV) the replay is of exact
+hidden states, not of the copied ones.
+
+    cal = calibrate(model, "data/corpus", target=0.95, measure="saturation", tokenizer=tok)
+    cal.save("runs/demo-exits/model/exit_calibration.json")
+    llm = LLM(model, exit_policy=cal.exit_policy(model), exit_strategy="parallel")
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from recursa.engine.exit_policy import ExitPolicy
+from recursa.engine.thresholds import Fixed
+from recursa.errors import RecursaError
+from recursa.model.exits import ExitSpec, exit_logits, saturation_reference
+
+CALIBRATION_FILE = "exit_calibration.json"
+SOURCES = ("greedy", "corpus")
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0.0 or p >= 1.0:
+        return float(p >= 1.0)
+    j = torch.arange(k, n + 1, dtype=torch.float64)
+    log_pmf = (math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1)
+               + j * math.log(p) + (n - j) * math.log1p(-p))
+    return float(torch.logsumexp(log_pmf, 0).exp())
+
+
+def clopper_pearson_lower(k: int, n: int, delta: float) -> float:
+    """One-sided Clopper-Pearson lower bound on a binomial proportion from k successes in n trials:
+    the p with P(X >= k | p) = delta (0 when k = 0), so that P(true p >= bound) >= 1 - delta."""
+    if not 0 < delta < 1:
+        raise RecursaError(f"delta must lie in (0, 1), got {delta}")
+    if not 0 <= k <= n:
+        raise RecursaError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if k == 0:
+        return 0.0
+    if k == n:
+        return delta ** (1.0 / n)   # the tail is p^n
+    lo, hi = 0.0, 1.0             # the tail grows with p: bisect
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if binomial_tail(k, n, mid) < delta:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass
+class Replay:
+    """Per decided token: each exit's confidence [N, E] and whether its argmax equals the final one [N, E]."""
+    confidence: torch.Tensor
+    agrees: torch.Tensor
+    depths: tuple[int, ...]
+    n_layers: int
+
+    def outcome(self, threshold: float | None) -> tuple[int, int, float]:
+        """(tokens that agree with full depth, tokens, mean depth) of the rule at `threshold`
+        (None: never exit)."""
+        n = self.confidence.shape[0]
+        if threshold is None or n == 0:
+            return n, n, float(self.n_layers)
+        passes = self.confidence >= threshold
+        exits = passes.any(1)
+        first = passes.to(torch.int8).argmax(1)              # first exit that passes
+        agree = torch.where(exits, self.agrees.gather(1, first[:, None])[:, 0], torch.ones_like(exits))
+        depth = torch.where(exits, torch.tensor(self.depths)[first], torch.tensor(self.n_layers))
+        return int(agree.sum()), n, float(depth.float().mean())
+
+
+@torch.inference_mode()
+def replay(model, policy: ExitPolicy, sequences: list[list[int]], prompt_len: int) -> Replay:
+    """The exit rule's inputs at every decided position of `sequences` (prompt_len prompt tokens, then
+    the continuation): one full forward each."""
+    depths = tuple(policy.spec.depths)
+    confs, agrees = [], []
+    for ids in sequences:
+        hidden = model.forward_hidden(torch.tensor([ids[:-1]]))
+        rows = slice(prompt_len, len(ids) - 1)   # these predict continuation tokens 1.. (token 0: prefill)
+        final = model.head(hidden[-1][0, rows]).argmax(-1)
+        c, a = [], []
+        for d in depths:
+            h = hidden[d][0, rows]
+            logits = exit_logits(model, h, d, policy.heads)
+            ref = hidden[saturation_reference(depths, d)][0, rows] if policy.uses_reference else None
+            c.append(torch.tensor(policy.confidences(logits, h, ref, d), dtype=torch.float64))
+            a.append(logits.argmax(-1) == final)
+        confs.append(torch.stack(c, 1))
+        agrees.append(torch.stack(a, 1))
+    return Replay(torch.cat(confs), torch.cat(agrees), depths, model.depth)
+
+
+def candidates(replay: Replay, n: int = 200) -> list[float]:
+    """Thresholds to test, most conservative first: quantiles of the observed confidences."""
+    values = replay.confidence.flatten()
+    if values.numel() == 0:
+        return []
+    q = torch.quantile(values, torch.linspace(1, 0, n, dtype=torch.float64)).tolist()
+    return sorted(set(q), reverse=True)
+
+
+def choose_threshold(replay: Replay, target: float, delta: float, grid: list[float] | None = None) -> dict:
+    """Fixed-sequence test of `grid` (descending): the least conservative threshold whose agreement's
+    lower bound is >= target, with its figures; threshold None when not even the first passes."""
+    check_target(target, delta)
+    chosen = dict(threshold=None, bound=None, agree=None, tokens=None, mean_depth=float(replay.n_layers), tested=0)
+    for t in (candidates(replay) if grid is None else grid):
+        k, n, depth = replay.outcome(t)
+        bound = clopper_pearson_lower(k, n, delta) if n else 0.0
+        chosen["tested"] += 1
+        if bound < target:
+            break
+        chosen.update(threshold=t, bound=bound, agree=k / n, tokens=n, mean_depth=depth)
+    return chosen
+
+
+def check_target(target: float, delta: float) -> None:
+    if not (isinstance(target, (int, float)) and 0 < target < 1):
+        raise RecursaError(f"the target agreement must lie in (0, 1), got {target}")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise RecursaError(f"delta (1 - the confidence of the bound) must lie in (0, 1), got {delta}")
+
+
+@dataclass
+class Calibration:
+    """A calibrated exit rule: `threshold` (None: full depth) on `measure` at `exit_depths`, and the
+    figures behind it (calibration split: its bound; test split: what it achieved)."""
+    target: float
+    delta: float
+    measure: str
+    exit_depths: list[int]
+    threshold: float | None
+    bound: float | None
+    source: str
+    calibration: dict = field(default_factory=dict)   # agree, tokens, mean_depth, tested, sequences
+    test: dict = field(default_factory=dict)          # agree, tokens, mean_depth, sequences
+
+    def exit_policy(self, model, classifier=None) -> ExitPolicy | None:
+        """The engine's policy for this rule on `model` (None when the rule is full depth); the
+        classifier measure needs the model's loaded ExitClassifier (`load_exit_classifier`)."""
+        spec = ExitSpec.from_config(model.cfg)
+        if list(spec.depths) != list(self.exit_depths):
+            raise RecursaError(f"the calibration is for exits {self.exit_depths}, the model has {list(spec.depths)}")
+        if self.threshold is None:
+            return None
+        if self.measure == "classifier" and classifier is None:
+            raise RecursaError("this calibration is of the classifier measure: pass the model's exit classifier")
+        return make_policy(spec, classifier if self.measure == "classifier" else self.measure, self.threshold)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write as JSON, atomically (a temp file in the same folder, then a rename)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Calibration":
+        try:
+            data = json.loads(Path(path).read_text())
+            cal = cls(**data)
+        except FileNotFoundError:
+            raise RecursaError(f"no exit calibration at {path}") from None
+        except (OSError, ValueError, TypeError) as e:
+            raise RecursaError(f"{path} is not an exit calibration file: {e}") from None
+        check_target(cal.target, cal.delta)
+        if cal.threshold is not None and not isinstance(cal.threshold, (int, float)):
+            raise RecursaError(f"{path}: threshold must be a number or null, got {cal.threshold!r}")
+        return cal
+
+
+def make_policy(spec: ExitSpec, measure, threshold: float) -> ExitPolicy:
+    """An ExitPolicy on `measure` (a name, or a loaded ExitClassifier) at a fixed `threshold`."""
+    return ExitPolicy(spec, measure, Fixed(threshold))
+
+
+def corpus_windows(data_dir: str | os.PathLike, split: str, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`count` disjoint windows of `length` tokens from a prepared corpus split, in a seeded order."""
+    from recursa.data.packed import read_tokens
+
+    tokens = read_tokens(data_dir, split)
+    slots = len(tokens) // length
+    if slots < count:
+        raise RecursaError(f"{data_dir} split {split!r} holds {len(tokens)} tokens: fewer than {count} windows "
+                           f"of {length}; use fewer sequences or shorter ones")
+    order = torch.randperm(slots, generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return [tokens[i * length:(i + 1) * length].astype("int64").tolist() for i in order]
+
+
+def greedy_sequences(model, prompts: list[list[int]], new_tokens: int, batch: int = 16) -> list[list[int]]:
+    """Each prompt followed by the model's full-depth greedy continuation (the engine, batched)."""
+    from recursa.engine.llm import LLM
+    from recursa.engine.sampling_params import SamplingParams
+
+    llm = LLM(model, max_num_seqs=batch)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    return [p + list(o.token_ids) for p, o in zip(prompts, outs)]
+
+
+def calibrate(model, data_dir, target: float = 0.95, delta: float = 0.05, measure="max_prob", *,
+              source: str = "greedy", sequences: int = 64, prompt_len: int = 32, new_tokens: int = 64,
+              split: str = "val", seed: int = 0, log=None) -> Calibration:
+    """Choose the threshold on `sequences` calibration sequences and report it on as many others.
+
+    Both sets are windows of the corpus split `split` (disjoint), prompts of `prompt_len` tokens
+    followed by `new_tokens` of continuation (greedy full-depth decoding, or the corpus' own).
+    `measure`: a name in model.confidence.CHOICES, or a loaded ExitClassifier."""
+    check_target(target, delta)
+    if source not in SOURCES:
+        raise RecursaError(f"unknown calibration source {source!r}; choose from {', '.join(SOURCES)}")
+    if sequences < 1 or prompt_len < 1 or new_tokens < 2:
+        raise RecursaError("calibration needs sequences >= 1, prompt_len >= 1 and new_tokens >= 2")
+    spec = ExitSpec.from_config(model.cfg)
+    if not spec.depths:
+        raise RecursaError("the model has no exits (config exit_depths is empty): nothing to calibrate")
+    length = prompt_len + new_tokens
+    if length > model.cfg.max_seq_len:
+        raise RecursaError(f"prompt_len + new_tokens = {length} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    policy = make_policy(spec, measure, 1.0)
+    name = measure if isinstance(measure, str) else "classifier"
+    windows = corpus_windows(data_dir, split, 2 * sequences, length if source == "corpus" else prompt_len, seed)
+    if source == "greedy":
+        windows = greedy_sequences(model, windows, new_tokens)
+    cal_seqs, test_seqs = windows[:sequences], windows[sequences:]
+    cal_replay = replay(model, policy, cal_seqs, prompt_len)
+    chosen = choose_threshold(cal_replay, target, delta)
+    k, n, depth = replay(model, policy, test_seqs, prompt_len).outcome(chosen["threshold"])
+    result = Calibration(target=target, delta=delta, measure=name, exit_depths=list(spec.depths),
+                         threshold=chosen["threshold"], bound=chosen["bound"], source=source,
+                         calibration=dict(agree=chosen["agree"], tokens=chosen["tokens"] or cal_replay.confidence.shape[0],
+                                          mean_depth=chosen["mean_depth"], tested=chosen["tested"],
+                                          sequences=len(cal_seqs)),
+                         test=dict(agree=k / max(n, 1), tokens=n, mean_depth=depth, sequences=len(test_seqs)))
+    if log is not None:
+        log(describe(result))
+    return result
+
+
+def describe(cal: Calibration) -> str:
+    """One line: the chosen rule, its bound, and the held-out agreement."""
+    c, t = cal.calibration, cal.test
+    if cal.threshold is None:
+        head = (f"no threshold on {cal.measure} keeps agreement >= {cal.target:g} at confidence {1 - cal.delta:g} "
+                f"on {c['tokens']} calibration tokens: full depth")
+    else:
+        head = (f"threshold {cal.threshold:.4f} on {cal.measure} at exits {cal.exit_depths}: agreement "
+                f"{c['agree']:.4f} on {c['tokens']} calibration tokens, lower bound {cal.bound:.4f} >= {cal.target:g} "
+                f"at confidence {1 - cal.delta:g}")
+    return (f"{head}; held out ({t['tokens']} tokens, {cal.source}): agreement {t['agree']:.4f}, "
+            f"mean depth {t['mean_depth']:.2f}")
+
+
+__all__ = ["Calibration", "Replay", "calibrate", "replay", "choose_threshold", "clopper_pearson_lower",
+           "binomial_tail", "candidates", "describe", "CALIBRATION_FILE", "SOURCES"]
