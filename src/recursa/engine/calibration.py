@@ -221,10 +221,15 @@ def make_policy(spec: ExitSpec, measure, threshold: float) -> ExitPolicy:
     return ExitPolicy(spec, measure, Fixed(threshold))
 
 
-def corpus_windows(data_dir: str | os.PathLike, split: str, count: int, length: int, seed: int = 0) -> list[list[int]]:
+def corpus_windows(data_dir: str | os.PathLike, split: str, count: int, length: int, vocab_size: int,
+                   seed: int = 0) -> list[list[int]]:
     """`count` disjoint windows of `length` tokens from a prepared corpus split, in a seeded order."""
-    from recursa.data.packed import read_tokens
+    from recursa.data.packed import read_header, read_tokens
 
+    vocab = read_header(data_dir, split)["vocab_size"]
+    if vocab > vocab_size:
+        raise RecursaError(f"{data_dir} was tokenised with a {vocab}-token vocabulary, the model has {vocab_size}: "
+                           f"prepare it with the model's tokenizer (recursa data prepare --tokenizer MODEL_DIR)")
     tokens = read_tokens(data_dir, split)
     slots = len(tokens) // length
     if slots < count:
@@ -265,7 +270,8 @@ def calibrate(model, data_dir, target: float = 0.95, delta: float = 0.05, measur
         raise RecursaError(f"prompt_len + new_tokens = {length} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     policy = make_policy(spec, measure, 1.0)
     name = measure if isinstance(measure, str) else "classifier"
-    windows = corpus_windows(data_dir, split, 2 * sequences, length if source == "corpus" else prompt_len, seed)
+    windows = corpus_windows(data_dir, split, 2 * sequences, length if source == "corpus" else prompt_len,
+                             model.cfg.vocab_size, seed)
     if source == "greedy":
         windows = greedy_sequences(model, windows, new_tokens)
     cal_seqs, test_seqs = windows[:sequences], windows[sequences:]
