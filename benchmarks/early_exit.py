@@ -88,15 +88,13 @@ def make_policies(args, max_new: int):
 
 def calibrated_policies(args, model, measure):
     """(name, threshold factory or None for full depth, calibration) per --target-agreement."""
-    from recursa.engine.calibration import calibrate
+    from recursa.engine.calibration import calibrate_many
     from recursa.engine.thresholds import Fixed
-    out = []
-    for target in args.target_agreement:
-        cal = calibrate(model, args.calibration_data, target, args.delta, measure, sequences=args.calibration_sequences,
-                        source=args.calibration_source, log=lambda line: print("  " + line, flush=True))
-        factory = None if cal.threshold is None else (lambda v=cal.threshold: Fixed(v))
-        out.append((f"target {target:g}", factory, cal))
-    return out
+    cals = calibrate_many(model, args.calibration_data, args.target_agreement, args.delta, measure,
+                          sequences=args.calibration_sequences, source=args.calibration_source,
+                          log=lambda line: print("  " + line, flush=True))
+    return [(f"target {cal.target:g}", None if cal.threshold is None else (lambda v=cal.threshold: Fixed(v)), cal)
+            for cal in cals]
 
 
 def pareto_plot(results: list[dict], path: str) -> None:

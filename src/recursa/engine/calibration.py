@@ -249,15 +249,22 @@ def greedy_sequences(model, prompts: list[list[int]], new_tokens: int, batch: in
     return [p + list(o.token_ids) for p, o in zip(prompts, outs)]
 
 
-def calibrate(model, data_dir, target: float = 0.95, delta: float = 0.05, measure="max_prob", *,
-              source: str = "greedy", sequences: int = 64, prompt_len: int = 32, new_tokens: int = 64,
-              split: str = "val", seed: int = 0, log=None) -> Calibration:
-    """Choose the threshold on `sequences` calibration sequences and report it on as many others.
+def calibrate(model, data_dir, target: float = 0.95, delta: float = 0.05, measure="max_prob", **kw) -> Calibration:
+    """Choose the threshold for one target (see calibrate_many)."""
+    return calibrate_many(model, data_dir, [target], delta, measure, **kw)[0]
+
+
+def calibrate_many(model, data_dir, targets: list[float], delta: float = 0.05, measure="max_prob", *,
+                   source: str = "greedy", sequences: int = 64, prompt_len: int = 32, new_tokens: int = 64,
+                   split: str = "val", seed: int = 0, log=None) -> list[Calibration]:
+    """Per target, choose the threshold on `sequences` calibration sequences and report it on as many
+    others (the sequences and their replays are made once for all targets).
 
     Both sets are windows of the corpus split `split` (disjoint), prompts of `prompt_len` tokens
     followed by `new_tokens` of continuation (greedy full-depth decoding, or the corpus' own).
     `measure`: a name in model.confidence.CHOICES, or a loaded ExitClassifier."""
-    check_target(target, delta)
+    for target in targets:
+        check_target(target, delta)
     if source not in SOURCES:
         raise RecursaError(f"unknown calibration source {source!r}; choose from {', '.join(SOURCES)}")
     if sequences < 1 or prompt_len < 1 or new_tokens < 2:
@@ -274,19 +281,22 @@ def calibrate(model, data_dir, target: float = 0.95, delta: float = 0.05, measur
                              model.cfg.vocab_size, seed)
     if source == "greedy":
         windows = greedy_sequences(model, windows, new_tokens)
-    cal_seqs, test_seqs = windows[:sequences], windows[sequences:]
-    cal_replay = replay(model, policy, cal_seqs, prompt_len)
-    chosen = choose_threshold(cal_replay, target, delta)
-    k, n, depth = replay(model, policy, test_seqs, prompt_len).outcome(chosen["threshold"])
-    result = Calibration(target=target, delta=delta, measure=name, exit_depths=list(spec.depths),
-                         threshold=chosen["threshold"], bound=chosen["bound"], source=source,
-                         calibration=dict(agree=chosen["agree"], tokens=chosen["tokens"] or cal_replay.confidence.shape[0],
-                                          mean_depth=chosen["mean_depth"], tested=chosen["tested"],
-                                          sequences=len(cal_seqs)),
-                         test=dict(agree=k / max(n, 1), tokens=n, mean_depth=depth, sequences=len(test_seqs)))
-    if log is not None:
-        log(describe(result))
-    return result
+    cal_replay = replay(model, policy, windows[:sequences], prompt_len)
+    test_replay = replay(model, policy, windows[sequences:], prompt_len)
+    results = []
+    for target in targets:
+        chosen = choose_threshold(cal_replay, target, delta)
+        k, n, depth = test_replay.outcome(chosen["threshold"])
+        result = Calibration(target=target, delta=delta, measure=name, exit_depths=list(spec.depths),
+                             threshold=chosen["threshold"], bound=chosen["bound"], source=source,
+                             calibration=dict(agree=chosen["agree"], tokens=cal_replay.confidence.shape[0],
+                                              mean_depth=chosen["mean_depth"], tested=chosen["tested"],
+                                              sequences=sequences),
+                             test=dict(agree=k / max(n, 1), tokens=n, mean_depth=depth, sequences=sequences))
+        if log is not None:
+            log(describe(result))
+        results.append(result)
+    return results
 
 
 def describe(cal: Calibration) -> str:
@@ -303,5 +313,5 @@ def describe(cal: Calibration) -> str:
             f"mean depth {t['mean_depth']:.2f}")
 
 
-__all__ = ["Calibration", "Replay", "calibrate", "replay", "choose_threshold", "clopper_pearson_lower",
+__all__ = ["Calibration", "Replay", "calibrate", "calibrate_many", "replay", "choose_threshold", "clopper_pearson_lower",
            "binomial_tail", "candidates", "describe", "CALIBRATION_FILE", "SOURCES"]
