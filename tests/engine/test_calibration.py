@@ -1,4 +1,4 @@
-"""Calibrated early exit (recursa.engine.calibration): the bound, the choice, and the engine under it.
+"""Calibrated early exit (recursa.engine.exit_replay, .calibration): the bound, the choice, the engine under it.
 
 References: an exact binomial tail from math.comb (and scipy's beta quantile where installed) for
 the Clopper-Pearson bound; a per-token Python loop for the rule's outcome; the exit rule replayed
@@ -12,8 +12,8 @@ import torch
 import recursa
 from recursa import SamplingParams
 from recursa.data.packed import write_tokens
-from recursa.engine.calibration import (Calibration, Replay, binomial_tail, calibrate, choose_threshold,
-                                        clopper_pearson_lower)
+from recursa.engine.calibration import Calibration, calibrate
+from recursa.engine.exit_replay import Replay, binomial_tail, choose_threshold, clopper_pearson_lower
 from recursa.errors import RecursaError
 from recursa.model.confidence import MEASURES
 from reference import replay_exit_rule

@@ -128,7 +128,7 @@ def _check_args(args) -> None:
 
 def _check_calibration_args(args) -> None:
     """--target-agreement / --exit-policy-file replace a threshold given by hand."""
-    from recursa.engine.calibration import check_target
+    from recursa.engine.exit_replay import check_target
 
     args.measure_given = args.exit_measure is not None
     calibrated = args.target_agreement is not None or args.exit_policy_file is not None

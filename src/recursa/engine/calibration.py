@@ -15,7 +15,7 @@ the exit rule's tokens agree with the full model's on at least `target` of the t
   decodes greedily: with exact KV (parallel decoding, self-speculation) the engine's hidden states on
   a prefix equal the full forward's, so the replay is the engine's decision token for token until
   the first disagreement. Corpus text is cheaper (no decoding) but is text the model would not
-  write, on which it is less sure, so its thresholds come out more conservative.
+  write, on which it is less sure (RESULTS.md compares the two).
 - The rule, not each exit alone: under threshold t a token leaves at the FIRST exit whose
   confidence is >= t, else at full depth, so agreement is counted for the whole rule.
 - Fixed-sequence testing: candidate thresholds (quantiles of the observed confidences) are tested
@@ -25,21 +25,22 @@ the exit rule's tokens agree with the full model's on at least `target` of the t
   without a multiplicity correction. When none passes, the result is full depth (no exit policy).
 - Then the chosen rule is replayed on a separate split of the same corpus (disjoint text), whose
   agreement and mean depth are reported next to the calibration figures.
+The replay and the test are recursa.engine.exit_replay; this module makes the sequences and the
+saved result (`Calibration`, JSON written atomically, read back checked).
 
-Caveats, stated in the result: the bound treats tokens as independent draws (tokens of one
+Caveats: the bound treats tokens as independent draws (tokens of one
 sequence are correlated, so the stated confidence is optimistic), it is a per-token agreement given
 the same prefix (a benchmark that compares whole greedy sequences index by index counts every token
 after a first divergence as well), and for state copying (approximate KV) the replay is of exact
 hidden states, not of the copied ones.
 
-    cal = calibrate(model, "data/corpus", target=0.95, measure="saturation", tokenizer=tok)
+    cal = calibrate(model, "data/corpus", target=0.95, measure="saturation")
     cal.save("runs/demo-exits/model/exit_calibration.json")
     llm = LLM(model, exit_policy=cal.exit_policy(model), exit_strategy="parallel")
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -48,122 +49,13 @@ from pathlib import Path
 import torch
 
 from recursa.engine.exit_policy import ExitPolicy
+from recursa.engine.exit_replay import check_target, choose_threshold, replay
 from recursa.engine.thresholds import Fixed
 from recursa.errors import RecursaError
-from recursa.model.exits import ExitSpec, exit_logits, saturation_reference
+from recursa.model.exits import ExitSpec
 
 CALIBRATION_FILE = "exit_calibration.json"
 SOURCES = ("greedy", "corpus")
-
-
-def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), summed in log space."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    if p <= 0.0 or p >= 1.0:
-        return float(p >= 1.0)
-    j = torch.arange(k, n + 1, dtype=torch.float64)
-    log_pmf = (math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1)
-               + j * math.log(p) + (n - j) * math.log1p(-p))
-    return float(torch.logsumexp(log_pmf, 0).exp())
-
-
-def clopper_pearson_lower(k: int, n: int, delta: float) -> float:
-    """One-sided Clopper-Pearson lower bound on a binomial proportion from k successes in n trials:
-    the p with P(X >= k | p) = delta (0 when k = 0), so that P(true p >= bound) >= 1 - delta."""
-    if not 0 < delta < 1:
-        raise RecursaError(f"delta must lie in (0, 1), got {delta}")
-    if not 0 <= k <= n:
-        raise RecursaError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if k == 0:
-        return 0.0
-    if k == n:
-        return delta ** (1.0 / n)   # the tail is p^n
-    lo, hi = 0.0, 1.0             # the tail grows with p: bisect
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        if binomial_tail(k, n, mid) < delta:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-@dataclass
-class Replay:
-    """Per decided token: each exit's confidence [N, E] and whether its argmax equals the final one [N, E]."""
-    confidence: torch.Tensor
-    agrees: torch.Tensor
-    depths: tuple[int, ...]
-    n_layers: int
-
-    def outcome(self, threshold: float | None) -> tuple[int, int, float]:
-        """(tokens that agree with full depth, tokens, mean depth) of the rule at `threshold`
-        (None: never exit)."""
-        n = self.confidence.shape[0]
-        if threshold is None or n == 0:
-            return n, n, float(self.n_layers)
-        passes = self.confidence >= threshold
-        exits = passes.any(1)
-        first = passes.to(torch.int8).argmax(1)              # first exit that passes
-        agree = torch.where(exits, self.agrees.gather(1, first[:, None])[:, 0], torch.ones_like(exits))
-        depth = torch.where(exits, torch.tensor(self.depths)[first], torch.tensor(self.n_layers))
-        return int(agree.sum()), n, float(depth.float().mean())
-
-
-@torch.inference_mode()
-def replay(model, policy: ExitPolicy, sequences: list[list[int]], prompt_len: int) -> Replay:
-    """The exit rule's inputs at every decided position of `sequences` (prompt_len prompt tokens, then
-    the continuation): one full forward each."""
-    depths = tuple(policy.spec.depths)
-    confs, agrees = [], []
-    for ids in sequences:
-        hidden = model.forward_hidden(torch.tensor([ids[:-1]]))
-        rows = slice(prompt_len, len(ids) - 1)   # these predict continuation tokens 1.. (token 0: prefill)
-        final = model.head(hidden[-1][0, rows]).argmax(-1)
-        c, a = [], []
-        for d in depths:
-            h = hidden[d][0, rows]
-            logits = exit_logits(model, h, d, policy.heads)
-            ref = hidden[saturation_reference(depths, d)][0, rows] if policy.uses_reference else None
-            c.append(torch.tensor(policy.confidences(logits, h, ref, d), dtype=torch.float64))
-            a.append(logits.argmax(-1) == final)
-        confs.append(torch.stack(c, 1))
-        agrees.append(torch.stack(a, 1))
-    return Replay(torch.cat(confs), torch.cat(agrees), depths, model.depth)
-
-
-def candidates(replay: Replay, n: int = 200) -> list[float]:
-    """Thresholds to test, most conservative first: quantiles of the observed confidences."""
-    values = replay.confidence.flatten()
-    if values.numel() == 0:
-        return []
-    q = torch.quantile(values, torch.linspace(1, 0, n, dtype=torch.float64)).tolist()
-    return sorted(set(q), reverse=True)
-
-
-def choose_threshold(replay: Replay, target: float, delta: float, grid: list[float] | None = None) -> dict:
-    """Fixed-sequence test of `grid` (descending): the least conservative threshold whose agreement's
-    lower bound is >= target, with its figures; threshold None when not even the first passes."""
-    check_target(target, delta)
-    chosen = dict(threshold=None, bound=None, agree=None, tokens=None, mean_depth=float(replay.n_layers), tested=0)
-    for t in (candidates(replay) if grid is None else grid):
-        k, n, depth = replay.outcome(t)
-        bound = clopper_pearson_lower(k, n, delta) if n else 0.0
-        chosen["tested"] += 1
-        if bound < target:
-            break
-        chosen.update(threshold=t, bound=bound, agree=k / n, tokens=n, mean_depth=depth)
-    return chosen
-
-
-def check_target(target: float, delta: float) -> None:
-    if not (isinstance(target, (int, float)) and 0 < target < 1):
-        raise RecursaError(f"the target agreement must lie in (0, 1), got {target}")
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise RecursaError(f"delta (1 - the confidence of the bound) must lie in (0, 1), got {delta}")
 
 
 @dataclass
@@ -313,5 +205,5 @@ def describe(cal: Calibration) -> str:
             f"mean depth {t['mean_depth']:.2f}")
 
 
-__all__ = ["Calibration", "Replay", "calibrate", "calibrate_many", "replay", "choose_threshold", "clopper_pearson_lower",
-           "binomial_tail", "candidates", "describe", "CALIBRATION_FILE", "SOURCES"]
+__all__ = ["Calibration", "calibrate", "calibrate_many", "corpus_windows", "greedy_sequences", "describe",
+           "CALIBRATION_FILE", "SOURCES"]
