@@ -15,7 +15,7 @@ the exit rule's tokens agree with the full model's on at least `target` of the t
   decodes greedily: with exact KV (parallel decoding, self-speculation) the engine's hidden states on
   a prefix equal the full forward's, so the replay is the engine's decision token for token until
   the first disagreement. Corpus text is cheaper (no decoding) but is text the model would not
-  write, on which it is less sure (RESULTS.md compares the two).
+  write, so its confidences and agreements are of other contexts (RESULTS.md compares the two).
 - The rule, not each exit alone: under threshold t a token leaves at the FIRST exit whose
   confidence is >= t, else at full depth, so agreement is counted for the whole rule.
 - Fixed-sequence testing: candidate thresholds (quantiles of the observed confidences) are tested
