@@ -92,6 +92,7 @@ def calibrated_policies(args, model, measure):
     from recursa.engine.thresholds import Fixed
     cals = calibrate_many(model, args.calibration_data, args.target_agreement, args.delta, measure,
                           sequences=args.calibration_sequences, source=args.calibration_source,
+                          unit=args.calibration_unit,
                           log=lambda line: print("  " + line, flush=True))
     return [(f"target {cal.target:g}", None if cal.threshold is None else (lambda v=cal.threshold: Fixed(v)), cal)
             for cal in cals]
@@ -176,6 +177,8 @@ def main() -> None:
     p.add_argument("--delta", type=float, default=0.05, help="1 - confidence of the calibration bound")
     p.add_argument("--calibration-sequences", type=int, default=64, help="calibration (and held-out) sequences")
     p.add_argument("--calibration-source", default="greedy", choices=("greedy", "corpus"))
+    p.add_argument("--calibration-unit", default="sequence", choices=("sequence", "token"),
+                   help="the bound's trials (recursa.engine.exit_replay.choose_threshold)")
     p.add_argument("--json-out", help="also write the JSON result to this file")
     p.add_argument("--pareto", help="save the speed-vs-agreement plot (PNG) here")
     p.add_argument("--pareto-from", default="", help="JSON results of earlier runs to plot (comma-separated); "

@@ -13,7 +13,7 @@ import recursa
 from recursa import SamplingParams
 from recursa.data.packed import write_tokens
 from recursa.engine.calibration import Calibration, calibrate
-from recursa.engine.exit_replay import Replay, binomial_tail, choose_threshold, clopper_pearson_lower
+from recursa.engine.exit_replay import Replay, binomial_tail, choose_threshold, clopper_pearson_lower, effective_counts
 from recursa.errors import RecursaError
 from recursa.model.confidence import MEASURES
 from reference import replay_exit_rule
@@ -76,6 +76,27 @@ def test_chosen_threshold_meets_the_target_on_the_calibration_replay(target):
     i = grid.index(chosen["threshold"])          # fixed sequence: the next candidate failed
     assert clopper_pearson_lower(*r.outcome(grid[i + 1])[:2], 0.05) < target
     assert all(clopper_pearson_lower(*r.outcome(t)[:2], 0.05) >= target for t in grid[:i + 1])
+
+
+def test_effective_sample_size_of_correlated_sequences():
+    g = torch.Generator().manual_seed(0)
+    seq = torch.arange(100).repeat_interleave(20)                        # 100 sequences of 20 tokens
+    independent = torch.rand(2000, generator=g) < 0.9
+    k, n = effective_counts(independent, seq)
+    assert 1500 < n <= 2000 and k / n == pytest.approx(float(independent.double().mean()), abs=0.01)
+    clustered = (torch.rand(100, generator=g) < 0.9).repeat_interleave(20)  # a sequence agrees all or nothing
+    k, n = effective_counts(clustered, seq)
+    assert 80 <= n <= 125                                              # about one trial per sequence
+    assert effective_counts(torch.ones(40, dtype=torch.bool), seq[:40]) == (40, 40)
+
+
+def test_the_sequence_bound_is_more_conservative():
+    r = _synthetic()
+    r.sequence = torch.arange(100).repeat_interleave(20)
+    r.agrees[:] = r.agrees[::20].repeat_interleave(20, 0)              # tokens of a sequence agree together
+    tok, seq = (choose_threshold(r, 0.8, 0.05, unit=u) for u in ("token", "sequence"))
+    assert seq["effective_tokens"] < tok["effective_tokens"] == 2000
+    assert seq["mean_depth"] >= tok["mean_depth"]
 
 
 def test_a_target_of_almost_one_gives_full_depth():

@@ -82,6 +82,9 @@ def register(sub) -> None:
                    help="1 - the confidence of the agreement bound, in (0, 1) (default 0.05)")
     e.add_argument("--calibration-sequences", type=positive_int, default=64,
                    help="calibration sequences, and as many held-out ones (default 64)")
+    e.add_argument("--calibration-unit", choices=("sequence", "token"), default="sequence",
+                   help="the bound's trials: tokens as independent (token) or the effective sample size of "
+                        "correlated sequences (sequence, default)")
     e.add_argument("--exit-policy-file", help="a calibrated exit rule (JSON) to use, or where to save a new one "
                                               "(default MODEL/exit_calibration.json)")
     e.add_argument("--max-draft", type=positive_int, default=4, help="speculative: drafts per verification (default 4)")
@@ -259,7 +262,8 @@ def _calibrated_policy(args, model):
     classifier = load_exit_classifier(args.model, model) if args.exit_measure == "classifier" else None
     if args.calibration_data is not None:
         cal = calibrate(model, args.calibration_data, args.target_agreement, args.calibration_delta,
-                        classifier or args.exit_measure, sequences=args.calibration_sequences)
+                        classifier or args.exit_measure, sequences=args.calibration_sequences,
+                        unit=args.calibration_unit)
         cal.save(path)
         print(f"[calibration saved to {path}]", file=sys.stderr)
     else:

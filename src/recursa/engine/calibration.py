@@ -28,8 +28,10 @@ the exit rule's tokens agree with the full model's on at least `target` of the t
 The replay and the test are recursa.engine.exit_replay; this module makes the sequences and the
 saved result (`Calibration`, JSON written atomically, read back checked).
 
-Caveats: the bound treats tokens as independent draws (tokens of one
-sequence are correlated, so the stated confidence is optimistic), it is a per-token agreement given
+Tokens of one sequence are correlated (a greedy continuation repeats itself), so counting them as
+independent trials (`unit="token"`) overstates the evidence; the default `unit="sequence"` bounds on
+the effective sample size instead (exit_replay.effective_counts: n over the design effect of
+sequences as clusters), which is approximate, not exact. Caveats: the target is a per-token agreement given
 the same prefix (a benchmark that compares whole greedy sequences index by index counts every token
 after a first divergence as well), and for state copying (approximate KV) the replay is of exact
 hidden states, not of the copied ones.
@@ -71,6 +73,8 @@ class Calibration:
     source: str
     calibration: dict = field(default_factory=dict)   # agree, tokens, mean_depth, tested, sequences
     test: dict = field(default_factory=dict)          # agree, tokens, mean_depth, sequences
+    unit: str = "token"                               # the bound's trials: tokens, or sequences' effective size
+                                                      # ("token" when a file predates the field)
 
     def exit_policy(self, model, classifier=None) -> ExitPolicy | None:
         """The engine's policy for this rule on `model` (None when the rule is full depth); the
@@ -148,7 +152,7 @@ def calibrate(model, data_dir, target: float = 0.95, delta: float = 0.05, measur
 
 def calibrate_many(model, data_dir, targets: list[float], delta: float = 0.05, measure="max_prob", *,
                    source: str = "greedy", sequences: int = 64, prompt_len: int = 32, new_tokens: int = 64,
-                   split: str = "val", seed: int = 0, log=None) -> list[Calibration]:
+                   split: str = "val", seed: int = 0, unit: str = "sequence", log=None) -> list[Calibration]:
     """Per target, choose the threshold on `sequences` calibration sequences and report it on as many
     others (the sequences and their replays are made once for all targets).
 
@@ -177,11 +181,12 @@ def calibrate_many(model, data_dir, targets: list[float], delta: float = 0.05, m
     test_replay = replay(model, policy, windows[sequences:], prompt_len)
     results = []
     for target in targets:
-        chosen = choose_threshold(cal_replay, target, delta)
+        chosen = choose_threshold(cal_replay, target, delta, unit=unit)
         k, n, depth = test_replay.outcome(chosen["threshold"])
         result = Calibration(target=target, delta=delta, measure=name, exit_depths=list(spec.depths),
-                             threshold=chosen["threshold"], bound=chosen["bound"], source=source,
+                             threshold=chosen["threshold"], bound=chosen["bound"], source=source, unit=unit,
                              calibration=dict(agree=chosen["agree"], tokens=cal_replay.confidence.shape[0],
+                                              effective_tokens=chosen["effective_tokens"],
                                               mean_depth=chosen["mean_depth"], tested=chosen["tested"],
                                               sequences=sequences),
                              test=dict(agree=k / max(n, 1), tokens=n, mean_depth=depth, sequences=sequences))
@@ -200,7 +205,8 @@ def describe(cal: Calibration) -> str:
     else:
         head = (f"threshold {cal.threshold:.4f} on {cal.measure} at exits {cal.exit_depths}: agreement "
                 f"{c['agree']:.4f} on {c['tokens']} calibration tokens, lower bound {cal.bound:.4f} >= {cal.target:g} "
-                f"at confidence {1 - cal.delta:g}")
+                f"at confidence {1 - cal.delta:g}"
+                + (f" (bound over sequences: {c['effective_tokens']} effective tokens)" if cal.unit == "sequence" else ""))
     return (f"{head}; held out ({t['tokens']} tokens, {cal.source}): agreement {t['agree']:.4f}, "
             f"mean depth {t['mean_depth']:.2f}")
 

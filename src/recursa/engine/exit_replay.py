@@ -58,24 +58,47 @@ def clopper_pearson_lower(k: int, n: int, delta: float) -> float:
 
 @dataclass
 class Replay:
-    """Per decided token: each exit's confidence [N, E] and whether its argmax equals the final one [N, E]."""
+    """Per decided token: each exit's confidence [N, E], whether its argmax equals the final one [N, E],
+    and which sequence it belongs to [N]."""
     confidence: torch.Tensor
     agrees: torch.Tensor
     depths: tuple[int, ...]
     n_layers: int
+    sequence: torch.Tensor | None = None
 
-    def outcome(self, threshold: float | None) -> tuple[int, int, float]:
-        """(tokens that agree with full depth, tokens, mean depth) of the rule at `threshold`
-        (None: never exit)."""
+    def rule(self, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token, whether the rule at `threshold` (None: never exit) agrees with full depth, and its depth."""
         n = self.confidence.shape[0]
-        if threshold is None or n == 0:
-            return n, n, float(self.n_layers)
+        if threshold is None:
+            return torch.ones(n, dtype=torch.bool), torch.full((n,), self.n_layers)
         passes = self.confidence >= threshold
         exits = passes.any(1)
         first = passes.to(torch.int8).argmax(1)              # first exit that passes
         agree = torch.where(exits, self.agrees.gather(1, first[:, None])[:, 0], torch.ones_like(exits))
-        depth = torch.where(exits, torch.tensor(self.depths)[first], torch.tensor(self.n_layers))
-        return int(agree.sum()), n, float(depth.float().mean())
+        return agree, torch.where(exits, torch.tensor(self.depths)[first], torch.tensor(self.n_layers))
+
+    def outcome(self, threshold: float | None) -> tuple[int, int, float]:
+        """(tokens that agree with full depth, tokens, mean depth) of the rule at `threshold`."""
+        agree, depth = self.rule(threshold)
+        n = agree.numel()
+        return int(agree.sum()), n, float(depth.float().mean()) if n else float(self.n_layers)
+
+
+def effective_counts(agree: torch.Tensor, sequence: torch.Tensor) -> tuple[int, int]:
+    """(k, n) of an independent sample as informative as `agree`, whose tokens come in correlated
+    sequences: n / the design effect (the variance of the agreement rate estimated over sequences as
+    clusters, over the variance it would have with independent tokens), k = rate x n, rounded down."""
+    n = agree.numel()
+    rate = float(agree.double().mean())
+    groups = int(sequence.max()) + 1
+    if groups < 2 or rate in (0.0, 1.0):
+        return int(agree.sum()), n
+    a = torch.zeros(groups, dtype=torch.float64).index_add_(0, sequence, agree.double())
+    m = torch.zeros(groups, dtype=torch.float64).index_add_(0, sequence, torch.ones(n, dtype=torch.float64))
+    cluster_var = float(((a - rate * m) ** 2).sum()) / n ** 2 * groups / (groups - 1)
+    design_effect = max(1.0, cluster_var / (rate * (1 - rate) / n))
+    n_eff = max(1, int(n / design_effect))
+    return int(rate * n_eff), n_eff
 
 
 @torch.inference_mode()
@@ -83,8 +106,8 @@ def replay(model, policy: ExitPolicy, sequences: list[list[int]], prompt_len: in
     """The exit rule's inputs at every decided position of `sequences` (prompt_len prompt tokens, then
     the continuation): one full forward each."""
     depths = tuple(policy.spec.depths)
-    confs, agrees = [], []
-    for ids in sequences:
+    confs, agrees, which = [], [], []
+    for i, ids in enumerate(sequences):
         hidden = model.forward_hidden(torch.tensor([ids[:-1]]))
         rows = slice(prompt_len, len(ids) - 1)   # these predict continuation tokens 1.. (token 0: prefill)
         final = model.head(hidden[-1][0, rows]).argmax(-1)
@@ -97,7 +120,8 @@ def replay(model, policy: ExitPolicy, sequences: list[list[int]], prompt_len: in
             a.append(logits.argmax(-1) == final)
         confs.append(torch.stack(c, 1))
         agrees.append(torch.stack(a, 1))
-    return Replay(torch.cat(confs), torch.cat(agrees), depths, model.depth)
+        which.append(torch.full((len(ids) - 1 - prompt_len,), i))
+    return Replay(torch.cat(confs), torch.cat(agrees), depths, model.depth, torch.cat(which))
 
 
 def candidates(replay: Replay, n: int = 200) -> list[float]:
@@ -109,18 +133,31 @@ def candidates(replay: Replay, n: int = 200) -> list[float]:
     return sorted(set(q), reverse=True)
 
 
-def choose_threshold(replay: Replay, target: float, delta: float, grid: list[float] | None = None) -> dict:
+UNITS = ("token", "sequence")
+
+
+def choose_threshold(replay: Replay, target: float, delta: float, grid: list[float] | None = None,
+                     unit: str = "token") -> dict:
     """Fixed-sequence test of `grid` (descending): the least conservative threshold whose agreement's
-    lower bound is >= target, with its figures; threshold None when not even the first passes."""
+    lower bound is >= target, with its figures; threshold None when not even the first passes.
+    unit "token": tokens as independent trials; "sequence": the bound on the effective sample size
+    that sequences as correlated clusters leave (effective_counts)."""
     check_target(target, delta)
-    chosen = dict(threshold=None, bound=None, agree=None, tokens=None, mean_depth=float(replay.n_layers), tested=0)
+    if unit not in UNITS:
+        raise RecursaError(f"unknown bound unit {unit!r}; choose from {', '.join(UNITS)}")
+    chosen = dict(threshold=None, bound=None, agree=None, effective_tokens=None, mean_depth=float(replay.n_layers),
+                  tested=0)
     for t in (candidates(replay) if grid is None else grid):
-        k, n, depth = replay.outcome(t)
+        agree, depth = replay.rule(t)
+        k, n = int(agree.sum()), agree.numel()
+        if unit == "sequence" and n:
+            k, n = effective_counts(agree, replay.sequence)
         bound = clopper_pearson_lower(k, n, delta) if n else 0.0
         chosen["tested"] += 1
         if bound < target:
             break
-        chosen.update(threshold=t, bound=bound, agree=k / n, tokens=n, mean_depth=depth)
+        chosen.update(threshold=t, bound=bound, agree=float(agree.double().mean()), effective_tokens=n,
+                      mean_depth=float(depth.float().mean()))
     return chosen
 
 
@@ -132,4 +169,4 @@ def check_target(target: float, delta: float) -> None:
 
 
 __all__ = ["Replay", "replay", "candidates", "choose_threshold", "check_target", "clopper_pearson_lower",
-           "binomial_tail"]
+           "binomial_tail", "effective_counts", "UNITS"]
