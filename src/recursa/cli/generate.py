@@ -16,6 +16,17 @@ of tokens per exit (speculative: also the drafts accepted). Models that choose d
         --exit-threshold-kind free --exit-threshold 0.9 --exit-measure margin
     recursa generate runs/ee/model --prompt "Once" --exit-strategy copy --exit-measure classifier \
         --exit-threshold 0.8     # after `recursa train-exit-classifier runs/ee/model --data DIR`
+
+`--target-agreement 0.95` chooses the threshold instead (recursa.engine.calibration): on windows of
+`--calibration-data` (a prepared corpus, its val split) continued greedily at full depth, the least
+conservative threshold whose agreement with full depth has a Clopper-Pearson lower bound >= 0.95 at
+confidence 1 - `--calibration-delta`; it prints the bound and the agreement on a separate split, and
+saves the rule (default MODEL/exit_calibration.json; `--exit-policy-file` elsewhere). Without
+`--calibration-data` it reuses that file, which must be for the same target, delta and measure:
+
+    recursa generate runs/ee/model --prompt "Once" --exit-strategy parallel --exit-measure saturation \
+        --target-agreement 0.95 --calibration-data data/corpus
+    recursa generate runs/ee/model --prompt "Once" --exit-strategy parallel --exit-policy-file F.json
 """
 from __future__ import annotations
 
@@ -63,6 +74,19 @@ def register(sub) -> None:
     e.add_argument("--exit-measure", choices=MEASURE_CHOICES, default=None,
                    help="confidence: top-1 probability, top-1 minus top-2, cosine to the previous exit's hidden "
                         "state, or the model's learned exit classifier (recursa train-exit-classifier)")
+    e.add_argument("--target-agreement", type=float, default=None,
+                   help="choose the threshold so that agreement with full depth is >= this, in (0, 1), with "
+                        "confidence 1 - --calibration-delta (calibrated on --calibration-data, or the saved rule)")
+    e.add_argument("--calibration-data", help="prepared corpus (recursa data prepare) to calibrate on: its val split")
+    e.add_argument("--calibration-delta", type=float, default=0.05,
+                   help="1 - the confidence of the agreement bound, in (0, 1) (default 0.05)")
+    e.add_argument("--calibration-sequences", type=positive_int, default=64,
+                   help="calibration sequences, and as many held-out ones (default 64)")
+    e.add_argument("--calibration-unit", choices=("sequence", "token"), default="sequence",
+                   help="the bound's trials: tokens as independent (token) or the effective sample size of "
+                        "correlated sequences (sequence, default)")
+    e.add_argument("--exit-policy-file", help="a calibrated exit rule (JSON) to use, or where to save a new one "
+                                              "(default MODEL/exit_calibration.json)")
     e.add_argument("--max-draft", type=positive_int, default=4, help="speculative: drafts per verification (default 4)")
     p.add_argument("--threads", type=positive_int, help="CPU intra-op threads (1 helps on a busy shared CPU)")
     add_compile_arg(p)
@@ -86,9 +110,11 @@ def _check_args(args) -> None:
             prompt.encode("utf-8")
         except UnicodeEncodeError:   # undecodable argv bytes arrive as lone surrogates
             raise RecursaError(f"--prompt number {i + 1} is not valid UTF-8 text") from None
-    given = [name for name in EXIT_DEFAULTS if getattr(args, name) is not None]
+    given = [name for name in (*EXIT_DEFAULTS, "target_agreement", "calibration_data", "exit_policy_file")
+             if getattr(args, name) is not None]
     if given and args.exit_strategy is None:
         raise RecursaError(f"--{given[0].replace('_', '-')} needs --exit-strategy (copy, parallel or speculative)")
+    _check_calibration_args(args)
     for name, default in EXIT_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -101,6 +127,21 @@ def _check_args(args) -> None:
     if kind != "free" and not low <= value <= 1:
         raise RecursaError(f"--exit-threshold {value} with --exit-measure {args.exit_measure}: a confidence lies in "
                            f"[{low:g}, 1], so it would {'never' if value > 1 else 'always'} exit; give one in [{low:g}, 1]")
+
+
+def _check_calibration_args(args) -> None:
+    """--target-agreement / --exit-policy-file replace a threshold given by hand."""
+    from recursa.engine.exit_replay import check_target
+
+    args.measure_given = args.exit_measure is not None
+    calibrated = args.target_agreement is not None or args.exit_policy_file is not None
+    if calibrated and (args.exit_threshold is not None or args.exit_threshold_kind is not None):
+        raise RecursaError("--target-agreement / --exit-policy-file choose the threshold: drop --exit-threshold "
+                           "and --exit-threshold-kind")
+    if args.calibration_data is not None and args.target_agreement is None:
+        raise RecursaError("--calibration-data needs --target-agreement")
+    if args.target_agreement is not None:
+        check_target(args.target_agreement, args.calibration_delta)
 
 
 def _check_length(args, model, tokenizer, texts: list[str]) -> None:
@@ -204,10 +245,40 @@ def _exit_policy(args, model):
     if not spec.depths:
         raise RecursaError(f"{args.model} has no exits (config exit_depths is empty): train it with "
                            f"`recursa train --exit-depths ...`")
+    if args.target_agreement is not None or args.exit_policy_file is not None:
+        return _calibrated_policy(args, model)
     threshold = (make_threshold("free", 1.0, zeta=value) if kind == "free"
                  else make_threshold(kind, value, max_steps=args.max_tokens))
     measure = load_exit_classifier(args.model, model) if args.exit_measure == "classifier" else args.exit_measure
     return ExitPolicy(spec, measure, threshold)
+
+
+def _calibrated_policy(args, model):
+    """The exit policy of a calibration: made now from --calibration-data, or read from the saved file."""
+    from recursa.engine.calibration import CALIBRATION_FILE, Calibration, calibrate, describe
+    from recursa.model.exit_classifier import load_exit_classifier
+
+    path = Path(args.exit_policy_file or Path(args.model) / CALIBRATION_FILE)
+    classifier = load_exit_classifier(args.model, model) if args.exit_measure == "classifier" else None
+    if args.calibration_data is not None:
+        cal = calibrate(model, args.calibration_data, args.target_agreement, args.calibration_delta,
+                        classifier or args.exit_measure, sequences=args.calibration_sequences,
+                        unit=args.calibration_unit)
+        cal.save(path)
+        print(f"[calibration saved to {path}]", file=sys.stderr)
+    else:
+        cal = Calibration.load(path)
+        wanted = {"target agreement": args.target_agreement, "delta": args.calibration_delta if
+                  args.target_agreement is not None else None, "measure": args.exit_measure if args.measure_given else None}
+        have = {"target agreement": cal.target, "delta": cal.delta, "measure": cal.measure}
+        for key, value in wanted.items():
+            if value is not None and value != have[key]:
+                raise RecursaError(f"{path} is calibrated for {key} {have[key]}, not {value}: pass --calibration-data "
+                                   f"DIR to calibrate again")
+        if cal.measure == "classifier" and classifier is None:
+            classifier = load_exit_classifier(args.model, model)
+    print(f"[{describe(cal)}]", file=sys.stderr)
+    return cal.exit_policy(model, classifier)
 
 
 def _chat(prompt: str) -> str:
