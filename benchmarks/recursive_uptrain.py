@@ -75,7 +75,7 @@ def uptrain(spec: str, original, tokens, tok, tasks, args) -> dict:
     del model
     cfg = TrainConfig(data=args.data, out=str(run), preset=None, init=str(converted), max_steps=args.steps,
                       seq_len=args.train_seq_len, batch_size=args.train_batch_size, lr=args.lr,
-                      warmup_steps=args.warmup_steps, seed=args.train_seed, eval_every=0, eval_batches=2,
+                      warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, seed=args.train_seed, eval_every=0, eval_batches=2,
                       log_every=1, progress=False,
                       distill_from=args.model if args.distill_weight > 0 else None,
                       distill_weight=args.distill_weight, loop_exit_weight=args.loop_exit_weight)
@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--train-batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0: none)")
     p.add_argument("--train-seed", type=int, default=1337, help="data order (the same for every config)")
     p.add_argument("--distill-weight", type=float, default=1.0, help="KL(original || student) weight (0: plain CE)")
     p.add_argument("--loop-exit-weight", type=float, default=0.0, help="λ of the intermediate loop-end CE")
@@ -192,7 +193,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({"benchmark": "recursive_uptrain", "model": args.model, "data": args.data,
                       "steps": args.steps, "tokens_per_step": args.train_seq_len * args.train_batch_size,
-                      "lr": args.lr, "warmup_steps": args.warmup_steps, "distill_weight": args.distill_weight,
+                      "lr": args.lr, "warmup_steps": args.warmup_steps, "grad_clip": args.grad_clip, "distill_weight": args.distill_weight,
                       "loop_exit_weight": args.loop_exit_weight, "calib_tokens": args.calib_tokens, "unigram_val_ppl": unigram, "max_tokens": args.max_tokens,
                       "seq_len": args.seq_len, "hellaswag_docs": args.hellaswag, "lambada_docs": args.lambada,
                       "threads": args.threads, "git": commit, "machine": platform.machine(),
