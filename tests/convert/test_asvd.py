@@ -123,17 +123,3 @@ def test_cli_lora_init(original, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "no prepared" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
-
-
-def test_in_weight_split_balances_b_against_a_x():
-    """|B_i|^2 == E[(A x)_i^2] on the weighted inputs: no tiny B facing a huge A x on outlier channels."""
-    torch.manual_seed(0)
-    x = torch.randn(4096, 24).double()
-    x[:, 2] *= 300.0
-    delta = torch.randn(16, 24).double()
-    a = LoRA(24, 16, 5, 0.25)
-    w = calibrate.square_root(x.t() @ x / len(x))  # W W^T = E[x x^T] + a ridge of 1e-6 * mean eigenvalue
-    a.svd_init_(delta, in_weight=w)
-    ax2 = (a.A.detach().double() @ w).pow(2).sum(1)    # E[(A x)_i^2] under W W^T
-    torch.testing.assert_close(a.B.detach().double().pow(2).sum(0), ax2, rtol=1e-6, atol=0)
-    assert torch.allclose(ax2, (x @ a.A.detach().double().t()).pow(2).mean(0), rtol=1e-2)

@@ -75,18 +75,16 @@ class LoRA(nn.Module):
         in_weight [in, in] (optional): best in ||(delta - scale B A) in_weight||_F instead of the
         plain Frobenius norm; with in_weight = C^(1/2) of the inputs' second moment C that is the
         mean output error on those inputs (recursa.convert.calibrate). The SVD is taken of
-        delta @ in_weight = U S V^T; scale B A = U_r U_r^T delta, which needs no inverse of
-        in_weight and is delta itself at full rank. Each direction's S_i is split evenly,
-        B = U_r sqrt(S_r), A = U_r^T delta / sqrt(S_r) (so A = sqrt(S_r) V_r^T for the plain SVD):
-        with in_weight that balances |B_i| against the size of (A x)_i on the weighted inputs,
-        not against |A_i|. (A split by weight norms leaves B tiny and A x huge on SmolLM2's
-        outlier channels: gradient norms of 1e4 and a diverging uptraining.)
+        delta @ in_weight; with U_r its top-r left singular vectors, scale B A = U_r U_r^T delta,
+        which needs no inverse of in_weight and is delta itself at full rank.
         """
         delta = delta.double()
         r = self.A.shape[0]
-        U, S, _ = torch.linalg.svd(delta if in_weight is None else delta @ in_weight.double(), full_matrices=False)
-        U, root = U[:, :r], S[:r].sqrt() / math.sqrt(self.scale)  # undo the scale
-        A = (U.t() @ delta) / (root.clamp_min(1e-150)[:, None] * self.scale)
+        U = torch.linalg.svd(delta if in_weight is None else delta @ in_weight.double(), full_matrices=False)[0][:, :r]
+        P = U.t() @ delta  # [r, in]; rows S_i v_i^T for the plain SVD
+        # split each direction's size evenly between A and B, undo the scale
+        root = P.norm(dim=1).sqrt() / math.sqrt(self.scale)
+        A = P / (root.clamp_min(1e-150)[:, None] * self.scale)
         if in_scale is not None:
             A = A / in_scale.double()[None, :]
         self.B.copy_(U * root)
