@@ -13,7 +13,13 @@ uptraining budget: benchmarks/recursive_uptrain.py (which imports `measure` from
         --max-tokens 20000 --hellaswag 100 --lambada 100 --threads 2
     python benchmarks/recursive.py --configs cycle:3:stepwise:0,cycle:3:average:64   # a subset
 
-A config is SHARING:LOOPS:INIT:RANK (RANK = LoRA rank for attention and MLP, 0 = strict).
+A config is SHARING:LOOPS:INIT:RANK[:LORA_INIT] (RANK = LoRA rank for attention and MLP, 0 = strict;
+LORA_INIT = svd (default) or asvd, the activation-aware init calibrated on the first --calib-tokens
+tokens of the --data train split). The plain vs activation-aware comparison at 15x2:
+
+    python benchmarks/recursive.py --max-tokens 4096 --hellaswag 0 --lambada 0 --batch-size 4 --threads 1 \
+        --configs cycle:2:stepwise:0,cycle:2:stepwise:64,cycle:2:stepwise:64:asvd,cycle:2:stepwise:128,\
+cycle:2:stepwise:128:asvd,cycle:2:stepwise:256,cycle:2:stepwise:256:asvd
 """
 from __future__ import annotations
 
@@ -33,10 +39,21 @@ DEFAULT_CONFIGS += ["middle_cycle:2:stepwise:0", "cycle:3:stepwise:64", "cycle:3
 
 def parse_config(spec: str) -> dict:
     try:
-        sharing, loops, init, rank = spec.split(":")
-        return {"sharing": sharing, "n_loops": int(loops), "init": init, "rank": int(rank)}
+        sharing, loops, init, rank, *lora_init = spec.split(":")
+        if len(lora_init) > 1 or lora_init and lora_init[0] not in ("svd", "asvd"):
+            raise ValueError
+        return {"sharing": sharing, "n_loops": int(loops), "init": init, "rank": int(rank),
+                "lora_init": lora_init[0] if lora_init else "svd"}
     except ValueError:
-        raise SystemExit(f"bad config {spec!r}: expected SHARING:LOOPS:INIT:RANK") from None
+        raise SystemExit(f"bad config {spec!r}: expected SHARING:LOOPS:INIT:RANK[:svd|asvd]") from None
+
+
+def convert(original, c: dict, args):
+    """The config's recursive model (asvd calibrates on the first args.calib_tokens of args.data's train split)."""
+    from recursa.convert.recursive import to_recursive
+
+    return to_recursive(original, c["sharing"], c["n_loops"], c["init"], c["rank"], c["rank"], seed=args.seed,
+                        lora_init=c["lora_init"], calib=args.data, calib_tokens=args.calib_tokens)
 
 
 def load_tasks(hellaswag: int, lambada: int) -> dict:
@@ -94,10 +111,11 @@ def main() -> None:
     p.add_argument("--lambada", type=int, default=100, help="documents (0: skip)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of --init random")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="asvd configs: calibration tokens (train split)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from recursa.convert.recursive import load_source, to_recursive
+    from recursa.convert.recursive import load_source
     from recursa.data.packed import read_tokens
     from recursa.data.tokenizer import load_tokenizer
 
@@ -111,7 +129,7 @@ def main() -> None:
     for spec in args.configs.split(","):
         c = parse_config(spec)
         t = time.perf_counter()
-        model = to_recursive(original, c["sharing"], c["n_loops"], c["init"], c["rank"], c["rank"], seed=args.seed)
+        model = convert(original, c, args)
         convert_s = time.perf_counter() - t
         row = {"config": spec, **c, "convert_seconds": convert_s, **measure(model, tokens, tok, tasks, args)}
         rows.append(row)
@@ -119,7 +137,7 @@ def main() -> None:
         del model
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({"benchmark": "recursive", "model": args.model, "data": args.data, "max_tokens": args.max_tokens,
-                      "seq_len": args.seq_len, "hellaswag_docs": args.hellaswag, "lambada_docs": args.lambada, "threads": args.threads,
+                      "seq_len": args.seq_len, "calib_tokens": args.calib_tokens, "hellaswag_docs": args.hellaswag, "lambada_docs": args.lambada, "threads": args.threads,
                       "git": commit, "machine": platform.machine(), "torch": torch.__version__, "rows": rows}))
 
 

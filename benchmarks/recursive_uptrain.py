@@ -14,6 +14,8 @@ markdown table and one JSON line with every row.
     python benchmarks/recursive_uptrain.py --configs cycle:3:stepwise:0 --steps 2 --hellaswag 5 \\
         --lambada 5 --max-tokens 1024 --out /tmp/rec-smoke                           # smoke test
     python benchmarks/recursive_uptrain.py --out runs/rec-uptrain --report          # table of what is done
+    python benchmarks/recursive_uptrain.py --out runs/rec-asvd --hellaswag 0 --lambada 0 \
+        --configs cycle:2:stepwise:0,cycle:2:stepwise:64,cycle:2:stepwise:64:asvd   # plain vs activation-aware
 
 Only metrics stay by default: the converted weights and the trainer checkpoint of each config
 are deleted once measured, the uptrained model is kept in <out>/<config>/run/model unless
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recursive import format_row, header, load_tasks, measure, parse_config  # noqa: E402
+from recursive import convert, format_row, header, load_tasks, measure, parse_config  # noqa: E402
 
 # the paper's comparison first, the random baselines last (a sweep cut short keeps what matters)
 DEFAULT_CONFIGS = ["cycle:3:stepwise:0", "cycle:3:average:0", "cycle:3:lower:0", "cycle:3:stepwise:64",
@@ -59,7 +61,6 @@ def append_row(path: Path, row: dict) -> None:
 
 def uptrain(spec: str, original, tokens, tok, tasks, args) -> dict:
     """Convert, measure, uptrain --steps steps, measure again: one result row."""
-    from recursa.convert.recursive import to_recursive
     from recursa.model import load
     from recursa.train import TrainConfig, train
 
@@ -68,13 +69,13 @@ def uptrain(spec: str, original, tokens, tok, tasks, args) -> dict:
     converted, run = work / "converted", work / "run"
     if run.exists():  # a run killed mid-way: start this config again from its conversion
         shutil.rmtree(run)
-    model = to_recursive(original, c["sharing"], c["n_loops"], c["init"], c["rank"], c["rank"], seed=args.seed)
+    model = convert(original, c, args)
     before = measure(model, tokens, tok, tasks, args)
     model.save(converted)
     del model
     cfg = TrainConfig(data=args.data, out=str(run), preset=None, init=str(converted), max_steps=args.steps,
                       seq_len=args.train_seq_len, batch_size=args.train_batch_size, lr=args.lr,
-                      warmup_steps=args.warmup_steps, seed=args.train_seed, eval_every=0, eval_batches=2,
+                      warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, seed=args.train_seed, eval_every=0, eval_batches=2,
                       log_every=1, progress=False,
                       distill_from=args.model if args.distill_weight > 0 else None,
                       distill_weight=args.distill_weight, loop_exit_weight=args.loop_exit_weight)
@@ -135,6 +136,7 @@ def main() -> None:
     p.add_argument("--train-batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0: none)")
     p.add_argument("--train-seed", type=int, default=1337, help="data order (the same for every config)")
     p.add_argument("--distill-weight", type=float, default=1.0, help="KL(original || student) weight (0: plain CE)")
     p.add_argument("--loop-exit-weight", type=float, default=0.0, help="λ of the intermediate loop-end CE")
@@ -145,6 +147,7 @@ def main() -> None:
     p.add_argument("--lambada", type=int, default=100, help="documents (0: skip)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="seed of --init random")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="asvd configs: calibration tokens (train split)")
     p.add_argument("--no-keep-model", dest="keep_model", action="store_false", help="delete the uptrained weights")
     p.add_argument("--report", action="store_true", help="only print the table of <out>/results.jsonl (no runs)")
     args = p.parse_args()
@@ -190,8 +193,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({"benchmark": "recursive_uptrain", "model": args.model, "data": args.data,
                       "steps": args.steps, "tokens_per_step": args.train_seq_len * args.train_batch_size,
-                      "lr": args.lr, "warmup_steps": args.warmup_steps, "distill_weight": args.distill_weight,
-                      "loop_exit_weight": args.loop_exit_weight, "unigram_val_ppl": unigram, "max_tokens": args.max_tokens,
+                      "lr": args.lr, "warmup_steps": args.warmup_steps, "grad_clip": args.grad_clip, "distill_weight": args.distill_weight,
+                      "loop_exit_weight": args.loop_exit_weight, "calib_tokens": args.calib_tokens, "unigram_val_ppl": unigram, "max_tokens": args.max_tokens,
                       "seq_len": args.seq_len, "hellaswag_docs": args.hellaswag, "lambada_docs": args.lambada,
                       "threads": args.threads, "git": commit, "machine": platform.machine(),
                       "torch": torch.__version__, "rows": rows}))

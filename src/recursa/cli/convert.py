@@ -4,6 +4,8 @@
     recursa convert --to-hf models/llama --out exported/llama       # recursa -> HF Llama
     recursa convert --recursive models/smollm2-135m --out models/smol-10x3 \
         --sharing cycle --loops 3 --init stepwise [--lora-rank 64]  # -> (relaxed) recursive model
+    recursa convert --recursive models/smollm2-135m --out models/smol-15x2-r64 --loops 2 \
+        --lora-rank 64 --lora-init asvd [--calib data/corpus-smollm]  # activation-aware LoRA init
 
 The output directory is written next to its final place and renamed into it, so it is either
 complete or absent; an existing one is kept unless `--force`. Tokenizer files travel along.
@@ -39,6 +41,13 @@ def register(sub) -> None:
     r.add_argument("--lora-rank-attn", type=int, help="override --lora-rank for q/k/v/o")
     r.add_argument("--lora-rank-mlp", type=int, help="override --lora-rank for gate/up/down")
     r.add_argument("--lora-alpha", type=float, help="LoRA scale = alpha / rank (default: scale 1)")
+    r.add_argument("--lora-init", choices=("svd", "asvd"), default="svd",
+                   help="relaxed: truncated SVD of the weight residual (svd) or of its outputs on calibration "
+                        "activations of the original model (asvd)")
+    r.add_argument("--calib", metavar="DATA_DIR", default="data/corpus-smollm",
+                   help="--lora-init asvd: a corpus prepared with the model's tokenizer (its train split; "
+                        "default %(default)s)")
+    r.add_argument("--calib-tokens", type=int, default=8192, help="--lora-init asvd: calibration tokens (default 8192)")
     r.add_argument("--seed", type=int, default=0, help="seed of the fresh weights (--init random)")
     p.set_defaults(func=run)
 
@@ -80,12 +89,13 @@ def _recursive(args) -> str:
     attn = args.lora_rank if args.lora_rank_attn is None else args.lora_rank_attn
     mlp = args.lora_rank if args.lora_rank_mlp is None else args.lora_rank_mlp
     source = load_source(args.recursive, dtype=_dtype(args.dtype))
-    model = to_recursive(source, args.sharing, args.loops, args.init, attn, mlp, args.lora_alpha, args.seed)
+    model = to_recursive(source, args.sharing, args.loops, args.init, attn, mlp, args.lora_alpha, args.seed,
+                         lora_init=args.lora_init, calib=args.calib, calib_tokens=args.calib_tokens)
     with staged_dir(args.out, args.force) as tmp:
         model.save(tmp)
         copied = copy_tokenizer(args.recursive, tmp)
     s, cfg = model.structure(), model.cfg
-    relaxed = f", LoRA ranks attn {attn} / mlp {mlp}" if attn or mlp else ""
+    relaxed = f", LoRA ranks attn {attn} / mlp {mlp} ({args.lora_init} init)" if attn or mlp else ""
     return (f"{model.num_params() / 1e6:.1f}M parameters (source {source.num_params() / 1e6:.1f}M), "
             f"{cfg.sharing} {len(s.prelude)} + {cfg.n_shared_layers}x{cfg.n_loops} + {len(s.coda)} layers, "
             f"init {args.init}{relaxed}" + (" + tokenizer" if copied else ""))

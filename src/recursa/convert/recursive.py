@@ -19,11 +19,19 @@ one does. The norm gains differ too (they are tied with the layer), so for the p
 read a normalised input x = g ⊙ x̂ (q/k/v after attn_norm, gate/up after mlp_norm) the difference
 is taken as a function of x̂: W_d diag(g_d) − W_u diag(g_u), and A is divided by g_u column-wise
 after the SVD; for o/down it is W_d − W_u. At full rank the relaxed model therefore computes the
-original function (tested to 1e-4 in fp32, SmolLM2-135M included), and at lower rank the SVD
-is the best approximation of the function on x̂. A shared norm gain of exactly zero is rejected.
+original function (tested to 1e-4 in fp32, SmolLM2-135M included). A shared norm gain of
+exactly zero is rejected. At lower rank `lora_init` chooses what "best" means:
+
+- `svd`:  plain truncated SVD, the best rank-r approximation of the delta's weights;
+- `asvd`: activation-aware, the best rank-r approximation of the delta's *outputs* on the
+  original model's own inputs at that depth, measured on `calib` (a prepared corpus directory,
+  its train split, or an id tensor; first `calib_tokens` tokens): see recursa.convert.calibrate.
+  Both are exact at full rank.
 
     model = to_recursive(load("models/smollm2-135m"), "cycle", n_loops=3, init="stepwise")
     recursa convert --recursive models/smollm2-135m --out models/smol-10x3 --sharing cycle --loops 3
+    recursa convert --recursive models/smollm2-135m --out models/smol-15x2-r64 --loops 2 --lora-rank 64 \
+        --lora-init asvd --calib data/corpus-smollm
 
 `merge(model)`: a vanilla Decoder with every depth's weight materialised as W_u + scale * B A
 (unmerged inference is the model itself; the two agree to float rounding).
@@ -37,12 +45,14 @@ from pathlib import Path
 import torch
 
 from recursa.config import ConfigError
+from recursa.convert import calibrate
 from recursa.errors import RecursaError
 from recursa.model import Decoder, load
 from recursa.model.lora import module_of
 from recursa.model.sharing import Structure
 
 INITS = ("stepwise", "average", "lower", "random")
+LORA_INITS = ("svd", "asvd")
 _NORM_OF = {"q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm",
             "gate_proj": "mlp_norm", "up_proj": "mlp_norm"}
 
@@ -101,8 +111,16 @@ def _lora_target(orig: dict, shared: dict, proj: str) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def to_recursive(model: Decoder, sharing: str, n_loops: int, init: str = "stepwise", lora_rank_attn: int = 0,
-                 lora_rank_mlp: int = 0, lora_alpha: float | None = None, seed: int = 0) -> Decoder:
-    """A recursive (relaxed when a rank > 0) Decoder of the same depth initialised from `model`."""
+                 lora_rank_mlp: int = 0, lora_alpha: float | None = None, seed: int = 0, lora_init: str = "svd",
+                 calib=None, calib_tokens: int = calibrate.DEFAULT_TOKENS) -> Decoder:
+    """A recursive (relaxed when a rank > 0) Decoder of the same depth initialised from `model`.
+
+    lora_init="asvd" needs `calib` (a prepared corpus directory or an id tensor) and runs `model`
+    on its first `calib_tokens` tokens once; strict conversions ignore both."""
+    if lora_init not in LORA_INITS:
+        raise RecursaError(f"unknown lora_init {lora_init!r}; choose from {', '.join(LORA_INITS)}")
+    if lora_init == "asvd" and calib is None:
+        raise RecursaError("lora_init='asvd' needs calibration tokens: calib=<prepared corpus dir or id tensor>")
     if model.cfg.sharing != "none":
         raise RecursaError(f"the source model already shares layers (sharing={model.cfg.sharing!r}); "
                            "convert a vanilla model")
@@ -133,9 +151,14 @@ def to_recursive(model: Decoder, sharing: str, n_loops: int, init: str = "stepwi
     out.load_state_dict(state, strict=True)
     if out.lora is not None:
         shared = [{n: t.detach().cpu() for n, t in block.state_dict().items()} for block in out.layers]
+        weights = {}
+        if lora_init == "asvd":
+            ids = calibrate.calib_ids(calib, model, calib_tokens)
+            weights = calibrate.input_weights(model, ids, s.shared)
         for d in s.shared:
             for proj, adapter in out.adapters(d).items():
-                adapter.svd_init_(*_lora_target(original[d], shared[s.depth_to_layer[d]], proj))
+                adapter.svd_init_(*_lora_target(original[d], shared[s.depth_to_layer[d]], proj),
+                                  in_weight=weights.get(d, {}).get(calibrate.PROJ_INPUT[proj]))
     return out.eval()
 
 
@@ -164,4 +187,4 @@ def merge(model: Decoder) -> Decoder:
     return merged.to(device=w.device).train(model.training)
 
 
-__all__ = ["to_recursive", "init_sources", "load_source", "merge", "INITS"]
+__all__ = ["to_recursive", "init_sources", "load_source", "merge", "INITS", "LORA_INITS"]

@@ -64,20 +64,30 @@ class LoRA(nn.Module):
         return (self.B @ self.A) * self.scale
 
     @torch.no_grad()
-    def svd_init_(self, delta: torch.Tensor, in_scale: torch.Tensor | None = None) -> None:
+    def svd_init_(self, delta: torch.Tensor, in_scale: torch.Tensor | None = None,
+                  in_weight: torch.Tensor | None = None) -> None:
         """Set scale * B @ A to the best rank-r approximation of `delta` [out, in] (computed in fp64).
 
         in_scale [in] (optional): the adapter's input is x = in_scale * x̂ and `delta` is the
         wanted change as a function of x̂, so A is divided by in_scale column-wise after the SVD.
         (Decomposing delta / in_scale instead would let one tiny gain blow up every column's error.)
+
+        in_weight [in, in] (optional): best in ||(delta - scale B A) in_weight||_F instead of the
+        plain Frobenius norm; with in_weight = C^(1/2) of the inputs' second moment C that is the
+        mean output error on those inputs (recursa.convert.calibrate). The SVD is taken of
+        delta @ in_weight; with U_r its top-r left singular vectors, scale B A = U_r U_r^T delta,
+        which needs no inverse of in_weight and is delta itself at full rank.
         """
-        U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        delta = delta.double()
         r = self.A.shape[0]
-        root = S[:r].sqrt() / math.sqrt(self.scale)  # split evenly between A and B, undo the scale
-        A = root[:, None] * Vh[:r]
+        U = torch.linalg.svd(delta if in_weight is None else delta @ in_weight.double(), full_matrices=False)[0][:, :r]
+        P = U.t() @ delta  # [r, in]; rows S_i v_i^T for the plain SVD
+        # split each direction's size evenly between A and B, undo the scale
+        root = P.norm(dim=1).sqrt() / math.sqrt(self.scale)
+        A = P / (root.clamp_min(1e-150)[:, None] * self.scale)
         if in_scale is not None:
             A = A / in_scale.double()[None, :]
-        self.B.copy_(U[:, :r] * root)
+        self.B.copy_(U * root)
         self.A.copy_(A)
 
 
