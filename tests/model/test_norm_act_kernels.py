@@ -93,3 +93,14 @@ def test_row_max_is_torch_max(dtype):
     ok = ~ref_best.isnan()
     assert torch.equal(best[ok], ref_best[ok]) and torch.equal(index[ok], ref_index[ok])
     assert index[1] == 3 and index[2] == 999 and index[5] == 7
+
+
+def test_an_ffn_the_kernel_cannot_tile_keeps_pytorchs_ops(monkeypatch):
+    from recursa.model.layers import MLP
+
+    cfg = preset("tiny").replace(ffn_dim=40)   # 40: not a multiple of 16
+    mlp = MLP(cfg).to(torch.bfloat16)
+    mlp.fuse()
+    monkeypatch.setattr(kernels, "silu_mul_bf16", lambda gu: pytest.fail("the kernel got ffn=40"))
+    with torch.no_grad():
+        assert mlp(torch.randn(1, 3, cfg.dim).bfloat16()).shape == (1, 3, cfg.dim)

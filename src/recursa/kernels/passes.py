@@ -8,10 +8,11 @@ from recursa.kernels import build
 from recursa.kernels.build import available
 
 
-def supports_elementwise(x: torch.Tensor) -> bool:
-    """Whether rms_norm_bf16 / silu_mul_bf16 take x: bf16 on the CPU, last size a multiple of 16, in
-    eager inference (no autograd: they have no backward; compiled graphs fuse these ops themselves)."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[-1] % 16 == 0
+def supports_elementwise(x: torch.Tensor, size: int | None = None) -> bool:
+    """Whether rms_norm_bf16 / silu_mul_bf16 take x: bf16 on the CPU, the size they run over (x's
+    last by default; silu_mul: ffn) a multiple of 16, in eager inference (no autograd: they have no
+    backward; compiled graphs fuse these ops themselves)."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and (size or x.shape[-1]) % 16 == 0
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and available())
 
 

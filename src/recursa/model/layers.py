@@ -195,9 +195,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            if lora is None and kernels.supports_elementwise(x):
-                return self.down_proj(kernels.silu_mul_bf16(self.gate_up_proj(x)))
             ffn = self.gate_up_proj.out_features // 2
+            if lora is None and kernels.supports_elementwise(x, ffn):
+                return self.down_proj(kernels.silu_mul_bf16(self.gate_up_proj(x)))
             gate, up = _project_fused(self.gate_up_proj, ("gate_proj", "up_proj"), [ffn, ffn], x, lora)
         else:
             gate, up = _project(self.gate_proj, "gate_proj", x, lora), _project(self.up_proj, "up_proj", x, lora)
