@@ -112,12 +112,15 @@ def test_prepared_bf16_model_uses_the_kernel_and_keeps_its_logits(monkeypatch):
     assert torch.allclose(a, b, atol=0.05, rtol=0.02)
 
 
-def test_fp32_cpu_linear_matches_f_linear_at_every_size():
+def test_fp32_cpu_linear_without_the_kernels_matches_f_linear_at_every_size(monkeypatch):
+    monkeypatch.setattr(kernels.build, "_state", {})
+    monkeypatch.setenv("RECURSA_KERNELS", "0")
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(96, 64), requires_grad=False)
     layer = CPULinear.of(w)
     if not torch._C.has_mkl:
         pytest.skip("no MKL")
+    assert layer.f32_packed is None and layer.packed is not None
     for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40):   # F.linear, then MKL's packed GEMM
         x = torch.randn(rows, 64)
         torch.testing.assert_close(layer(x), F.linear(x, w), atol=1e-5, rtol=1e-5)

@@ -5,6 +5,13 @@ dot products (`vdpbf16ps`, fp32 accumulation), reading each weight row once. PyT
 F.linear (oneDNN) runs batch-1 GEMV on this kind of CPU at about half the memory bandwidth, below
 even fp32 (benchmarks/RESULTS.md), and at batch 1 the weight read is the whole cost of a layer.
 
+`linear_f32(x, wp, n)`: the fp32 matmul from 2 rows up over a weight packed once by `pack_f32`
+(panels of 32 output columns, k-major): 12 x 32 register blocks of AVX-512 FMAs, with the next
+panel prefetched into L2 while the current one computes. Over SmolLM2's matrices, 2 threads, it
+runs 29 ms a step at 8 rows and 42 at 32, against 56 and 66 for F.linear and 40 and 52 for MKL's
+packed GEMM (benchmarks/cpu_kernels.py); it is level with MKL's at 128-256 rows, so it replaces
+MKL's packed copy (three times the weight's size) for every fp32 batch.
+
 `linear_amx(x, wp, n)`: the bf16 matmul on AMX tiles (TDPBF16PS, fp32 accumulation) over a
 weight packed once by `pack_amx`, for up to `AMX_MAX_ROWS` rows: over SmolLM2's matrices, 2
 threads, it streamed 12-13 GB/s at 1-4 rows and 9.3 at 32, against oneDNN's 10 and 8.2
@@ -33,7 +40,7 @@ written to a temporary file and renamed; the shared library joins the OpenMP run
 `available()` is False, with the reason in `unavailable_reason()`, where the CPU lacks AVX512-BF16,
 no compiler is found, or a build fails: callers then keep the PyTorch path (F.linear, SDPA).
 RECURSA_KERNELS=0 turns the kernels off. Inside torch.compile the kernels are the opaque custom
-ops `recursa::linear_bf16`, `recursa::linear_amx`, `recursa::linear_amx_int` and
+ops `recursa::linear_bf16`, `recursa::linear_f32`, `recursa::linear_amx`, `recursa::linear_amx_int` and
 `recursa::paged_decode_attention`; the elementwise passes stay out of compiled graphs (inductor
 fuses those itself).
 """
@@ -43,8 +50,8 @@ import torch
 
 from recursa.kernels import build
 from recursa.kernels.build import amx_available, available, unavailable_reason
-from recursa.kernels.matmul import (AMX_MAX_ROWS, MAX_ROWS, linear_amx, linear_amx_int, linear_bf16, pack_amx,
-                                    pack_amx_int4, pack_amx_int8, supports)
+from recursa.kernels.matmul import (AMX_MAX_ROWS, MAX_ROWS, linear_amx, linear_amx_int, linear_bf16, linear_f32,
+                                    pack_amx, pack_amx_int4, pack_amx_int8, pack_f32, supports, supports_f32)
 from recursa.kernels.passes import (kv_write, paged_decode_attention, rms_norm_bf16, rope_qk, row_max, silu_mul_bf16,
                                     supports_attention, supports_elementwise, supports_rope)
 
@@ -54,6 +61,8 @@ from recursa.kernels.passes import (kv_write, paged_decode_attention, rms_norm_b
 _LIBRARY = torch.library.Library("recursa", "DEF")
 _LIBRARY.define("linear_bf16(Tensor x, Tensor w) -> Tensor")
 _LIBRARY.impl("linear_bf16", linear_bf16, "CPU")
+_LIBRARY.define("linear_f32(Tensor x, Tensor wp, int n) -> Tensor")
+_LIBRARY.impl("linear_f32", linear_f32, "CPU")
 _LIBRARY.define("linear_amx(Tensor x, Tensor wp, int n) -> Tensor")
 _LIBRARY.impl("linear_amx", linear_amx, "CPU")
 _LIBRARY.define("linear_amx_int(Tensor x, Tensor wq, Tensor sm, int n, int bits) -> Tensor")
@@ -66,6 +75,11 @@ _LIBRARY.impl("paged_decode_attention", paged_decode_attention, "CPU")
 @torch.library.register_fake("recursa::linear_bf16")
 def _(x, w):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.register_fake("recursa::linear_f32")
+def _(x, wp, n):
+    return x.new_empty(*x.shape[:-1], n)
 
 
 @torch.library.register_fake("recursa::linear_amx")
@@ -85,12 +99,13 @@ def _(q, k_cache, v_cache, slots, offset, lens):
 
 linear_bf16_op = torch.ops.recursa.linear_bf16
 linear_amx_op = torch.ops.recursa.linear_amx
+linear_f32_op = torch.ops.recursa.linear_f32
 linear_amx_int_op = torch.ops.recursa.linear_amx_int
 paged_decode_attention_op = torch.ops.recursa.paged_decode_attention
 
 
 __all__ = ["AMX_MAX_ROWS", "MAX_ROWS", "amx_available", "available", "build", "kv_write", "linear_amx",
-           "linear_amx_int", "linear_amx_int_op", "linear_amx_op", "linear_bf16", "linear_bf16_op", "pack_amx",
-           "pack_amx_int4", "pack_amx_int8", "paged_decode_attention", "paged_decode_attention_op", "rms_norm_bf16",
-           "rope_qk", "row_max", "silu_mul_bf16", "supports", "supports_attention", "supports_elementwise",
-           "supports_rope", "unavailable_reason"]
+           "linear_amx_int", "linear_amx_int_op", "linear_amx_op", "linear_bf16", "linear_bf16_op", "linear_f32",
+           "linear_f32_op", "pack_amx", "pack_amx_int4", "pack_amx_int8", "pack_f32", "paged_decode_attention",
+           "paged_decode_attention_op", "rms_norm_bf16", "rope_qk", "row_max", "silu_mul_bf16", "supports", "supports_attention", "supports_elementwise",
+           "supports_f32", "supports_rope", "unavailable_reason"]

@@ -8,6 +8,7 @@ from recursa.kernels import build
 from recursa.kernels.build import available
 
 MAX_ROWS = 4   # rows (tokens) up to which the GEMV beats oneDNN; more rows go to F.linear
+F32_PANEL = 32   # output columns per panel of pack_f32 (PW in linear_f32.c)
 AMX_MAX_ROWS = 32   # bf16 rows up to which AMX tiles beat oneDNN's packed GEMM (benchmarks/cpu_kernels.py)
 
 
@@ -68,6 +69,31 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     build._state["linear_bf16"](x2.data_ptr(), w.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1],
                                       w.shape[0], torch.get_num_threads())
     return y.view(*x.shape[:-1], w.shape[0])
+
+
+def supports_f32(w: torch.Tensor) -> bool:
+    """Whether linear_f32 can take weight w: [N, K] fp32 on the CPU (any N and K)."""
+    return w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and available()
+
+
+def pack_f32(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] fp32 laid out as linear_f32 reads it: per panel of 32 output columns (N padded to a
+    multiple of 32 with zeros), K rows of the panel's 32 weights, contiguous."""
+    n, k = w.shape
+    panels = -(-n // F32_PANEL)
+    padded = torch.zeros(panels * F32_PANEL, k, dtype=torch.float32)
+    padded[:n] = w
+    return padded.view(panels, F32_PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear_f32(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
+    """x [..., K] fp32 @ w.T -> [..., n] fp32, w given as pack_f32(w) (the caller checked
+    `available()`). Eager: a direct call; compiled graphs call `linear_f32_op`."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    build._state["linear_f32"](x2.data_ptr(), wp.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1], n,
+                               torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
 
 
 def pack_amx(w: torch.Tensor) -> torch.Tensor:

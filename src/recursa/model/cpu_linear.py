@@ -3,13 +3,15 @@
 At decode sizes a matmul reads its whole weight for a few rows. bf16 goes to
 `recursa.kernels.linear_amx` up to `kernels.AMX_MAX_ROWS` tokens where the CPU has AMX (tiles over
 a second, tile-ordered copy of the weight), else to `recursa.kernels.linear_bf16` up to
-`kernels.MAX_ROWS` (AVX512-BF16 GEMV, about twice oneDNN's speed at batch 1); fp32 stays on
-F.linear up to `kernels.MAX_ROWS` (already at memory bandwidth there). Past that, both take a
-prepacked GEMM: fp32 MKL's (`torch.ops.mkl._mkl_linear`, 1.25-1.4x F.linear at
-8-64 tokens, 1 thread), bf16 oneDNN's (`torch.ops.mkldnn._linear_pointwise` on a reordered weight,
-1.15-1.35x, bit-identical to F.linear). The packed copies sit beside the plain weight: two or
-three times the weight memory. Inside torch.compile the custom ops stay (`recursa::linear_amx`,
-`recursa::linear_bf16`) and the rest take F.linear (inductor cannot trace MKL's or oneDNN's ops).
+`kernels.MAX_ROWS` (AVX512-BF16 GEMV, about twice oneDNN's speed at batch 1), and past that to
+oneDNN's prepacked GEMM (`torch.ops.mkldnn._linear_pointwise` on a reordered weight, 1.15-1.35x
+F.linear, bit-identical to it). fp32 stays on F.linear for one row (MKL's GEMV is at memory
+bandwidth there) and goes to `recursa.kernels.linear_f32` from two rows up, over a panel-ordered
+copy (1.3-1.9x F.linear at 4-64 rows, level with MKL's packed GEMM past 128); without the kernels
+it takes MKL's packed GEMM (`torch.ops.mkl._mkl_linear`). So a projection holds its plain weight
+and one packed copy (bf16 with AMX: two). Inside torch.compile the custom ops stay
+(`recursa::linear_f32`, `recursa::linear_amx`, `recursa::linear_bf16`) and the rest take F.linear
+(inductor cannot trace MKL's or oneDNN's ops).
 
 `CPULinear` is an nn.Linear (same weight, same contract); `use_cpu_kernels_(model)` swaps every
 fp32/bf16 projection of the Blocks, and gives a tied model an LM head that shares the embedding's
@@ -35,7 +37,11 @@ class CPULinear(nn.Linear):
         layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         layer.weight, layer.bias = weight, bias
         w = weight.detach()
-        if w.dtype == torch.float32 and torch._C.has_mkl:
+        f32 = kernels.pack_f32(w) if kernels.supports_f32(w) else None
+        layer.register_buffer("f32_packed", f32, persistent=False)
+        if f32 is not None:
+            packed = None
+        elif w.dtype == torch.float32 and torch._C.has_mkl:
             packed = torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS)
         elif w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
             packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
@@ -49,6 +55,12 @@ class CPULinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
+        if self.f32_packed is not None:
+            if x.numel() == x.shape[-1]:
+                return F.linear(x, self.weight, self.bias)
+            y = (kernels.linear_f32_op if torch.compiler.is_compiling() else kernels.linear_f32)(
+                x, self.f32_packed, self.out_features)
+            return y if self.bias is None else y + self.bias
         if self.amx_packed is not None and x.numel() <= kernels.AMX_MAX_ROWS * x.shape[-1]:
             amx = kernels.linear_amx_op if torch.compiler.is_compiling() else kernels.linear_amx
             y = amx(x, self.amx_packed, self.out_features)
