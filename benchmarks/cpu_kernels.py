@@ -5,11 +5,13 @@ random weights of the real shapes) plus the LM head, per weight format, timed in
 (kernel A, kernel B, kernel A, ...), median of --rounds passes. Reported as ms per pass and
 the weight bytes it streams per second. Formats and kernels:
 
+  fp32: F.linear (MKL) | MKL's prepacked GEMM | recursa's fp32 GEMM over panel-packed weights
   bf16: oneDNN's prepacked GEMM (what F.linear becomes) | recursa's GEMV (<= 4 rows) | AMX tiles
   int8: torch._weight_int8pack_mm | AMX tiles widened from int8
   int4: torch._weight_int4pack_mm_for_cpu | AMX tiles widened from int4 (groups of 32)
 
     .venv/bin/python benchmarks/cpu_kernels.py --threads 2 --rows 1,4,32,64,256
+    .venv/bin/python benchmarks/cpu_kernels.py --formats fp32 --rows 1,2,4,8,16,32,64,128
 """
 from __future__ import annotations
 
@@ -37,7 +39,14 @@ def build(fmt: str):
     calls = {}
     for n, k in shapes():
         w = torch.randn(n, k, generator=g) * 0.05
-        if fmt == "bf16":
+        if fmt == "fp32":
+            calls.setdefault("f.linear", []).append(lambda x, w=w: torch.nn.functional.linear(x, w))
+            if torch._C.has_mkl:
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 32)
+                calls.setdefault("mkl", []).append(lambda x, p=packed, w=w: torch.ops.mkl._mkl_linear(x, p, w, None, 32))
+            if kernels.available():
+                calls.setdefault("recursa", []).append(lambda x, p=kernels.pack_f32(w), n=n: kernels.linear_f32(x, p, n))
+        elif fmt == "bf16":
             wb = w.bfloat16()
             packed = torch.ops.mkldnn._reorder_linear_weight(wb, 32)
             calls.setdefault("onednn", []).append(lambda x, p=packed: torch.ops.mkldnn._linear_pointwise(
@@ -61,7 +70,7 @@ def build(fmt: str):
 
 
 def weight_bytes(fmt: str) -> int:
-    per = {"bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}[fmt]
+    per = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}[fmt]
     return int(sum(n * k for n, k in shapes()) * per)
 
 
@@ -77,7 +86,8 @@ def main() -> None:
     for fmt in args.formats.split(","):
         calls = build(fmt)
         for rows in map(int, args.rows.split(",")):
-            xs = {k: torch.randn(rows, k).bfloat16() for k in (DIM, FFN)}
+            dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+            xs = {k: torch.randn(rows, k).to(dtype) for k in (DIM, FFN)}
             names = [n for n in calls if not (n == "gemv" and rows > kernels.MAX_ROWS)]
             times = {n: [] for n in names}
             for _ in range(args.rounds + 1):   # the first round warms up

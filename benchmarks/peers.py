@@ -26,6 +26,7 @@ vLLM and llama.cpp install on first use into cached virtualenvs (benchmarks/peer
     .venv/bin/python benchmarks/peers.py                 # ~10-15 min on 2 cores (3 rounds)
     .venv/bin/python benchmarks/peers.py --quick         # ~3-5 min (1 round, 2 batch-1 prompts)
     .venv/bin/python benchmarks/peers.py --engines recursa,hf --threads 1
+    .venv/bin/python benchmarks/peers.py --engines recursa,recursa-tc,hf,vllm --precisions fp32
 """
 from __future__ import annotations
 
@@ -155,6 +156,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", default="recursa,recursa-tc,hf,vllm,llama.cpp",
                     help="comma-separated subset (recursa-tc: recursa with compile=True)")
+    ap.add_argument("--precisions", default="fp32,bf16,int8,int4,int4h8,q4_1",
+                    help="comma-separated subset of the precisions (q4_1: llama.cpp)")
     ap.add_argument("--quick", action="store_true", help="1 round, 2 batch-1 prompts, quick ceilings (~3-5 min)")
     ap.add_argument("--no-roofline", action="store_true", help="skip the kernel ceilings (a few minutes) and the roofline")
     ap.add_argument("--no-install", action="store_true", help="skip peers whose virtualenv is not installed yet")
@@ -192,8 +195,9 @@ def main() -> None:
     logs = Path(args.logs or tempfile.mkdtemp(prefix="peers-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
     workers, errors = [], {}
+    precisions = set(args.precisions.split(","))
     for engine, precision in CELLS:
-        if engine not in engines or engine not in python:
+        if engine not in engines or engine not in python or precision not in precisions:
             continue
         print(f"starting {engine} {precision} ...", file=sys.stderr)
         w = Worker(engine, precision, python[engine], models[engine], args.threads, args.prompts, prompts[:4],
