@@ -49,11 +49,13 @@ def test_examples_match_a_hand_computation():
     model = _exit_model(256)
     ids = torch.randint(0, 256, (2, 10))
     ex = exit_examples(model, ids, (1, 2))
-    hidden = model.forward_hidden(ids)
-    final = model.head(hidden[4]).argmax(-1)
+    with torch.no_grad():   # the same (inference) kernels as exit_examples
+        hidden = model.forward_hidden(ids)
+        final = model.head(hidden[4]).argmax(-1)
     for d, prev in ((1, 0), (2, 1)):  # saturation: the first exit against one layer below, then the previous exit
         h, f, y = ex[d]
-        z = model.head(hidden[d])
+        with torch.no_grad():
+            z = model.head(hidden[d])
         probs = torch.softmax(z, -1).flatten(0, 1)
         top = probs.topk(2, -1).values
         cos = torch.nn.functional.cosine_similarity(hidden[d], hidden[prev], dim=-1).flatten()

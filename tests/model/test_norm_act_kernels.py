@@ -30,8 +30,8 @@ def test_rms_norm_matches_pytorch_bf16(rows, dim):
     x = (torch.randn(rows, dim, generator=g) * 3).bfloat16()
     w = (torch.rand(dim, generator=g) + 0.5).bfloat16()
     with torch.no_grad():
-        _close_to_bf16_step(kernels.rms_norm_bf16(x, w, 1e-5), w * F.rms_norm(x, (dim,), eps=1e-5))
-        _close_to_bf16_step(kernels.rms_norm_bf16(x, None, 1e-5), F.rms_norm(x, (dim,), eps=1e-5))
+        _close_to_bf16_step(kernels.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (dim,), eps=1e-5))
+        _close_to_bf16_step(kernels.rms_norm(x, None, 1e-5), F.rms_norm(x, (dim,), eps=1e-5))
 
 
 @pytest.mark.parametrize("rows, ffn", [(1, 64), (5, 1536)])
@@ -41,16 +41,40 @@ def test_silu_mul_matches_pytorch_bf16(rows, ffn):
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0]).bfloat16()   # saturated tails, zero
     gate, up = gate_up.chunk(2, dim=-1)
     with torch.no_grad():
-        got = kernels.silu_mul_bf16(gate_up)
+        got = kernels.silu_mul(gate_up)
     assert got.shape == (rows, ffn)
     _close_to_bf16_step(got, F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("rows, dim", [(1, 64), (7, 576), (33, 128)])
+def test_rms_norm_matches_pytorch_fp32(rows, dim):
+    g = torch.Generator().manual_seed(rows * dim)
+    x = torch.randn(rows, dim, generator=g) * 3
+    w = torch.rand(dim, generator=g) + 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (dim,), w, eps=1e-5),
+                                   rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(kernels.rms_norm(x, None, 1e-5), F.rms_norm(x, (dim,), eps=1e-5),
+                                   rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows, ffn", [(1, 64), (5, 1536)])
+def test_silu_mul_matches_pytorch_fp32(rows, ffn):
+    g = torch.Generator().manual_seed(rows + ffn)
+    gate_up = torch.randn(rows, 2 * ffn, generator=g) * 4
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])   # saturated tails, zero
+    gate, up = gate_up.chunk(2, dim=-1)
+    with torch.no_grad():
+        got = kernels.silu_mul(gate_up)
+    assert got.shape == (rows, ffn) and got.dtype == torch.float32
+    torch.testing.assert_close(got, F.silu(gate) * up, rtol=2e-6, atol=1e-6)
 
 
 def test_the_bf16_model_uses_them_in_inference_only(monkeypatch):
     torch.manual_seed(0)
     model = prepare(Decoder(preset("tiny")).eval(), "bfloat16")
     calls = []
-    monkeypatch.setattr(kernels, "rms_norm_bf16", lambda *a: calls.append("norm") or torch.zeros_like(a[0]))
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a: calls.append("norm") or torch.zeros_like(a[0]))
     ids = torch.tensor([[5, 17, 99]])
     with torch.no_grad():
         model(ids)
@@ -101,6 +125,6 @@ def test_an_ffn_the_kernel_cannot_tile_keeps_pytorchs_ops(monkeypatch):
     cfg = preset("tiny").replace(ffn_dim=40)   # 40: not a multiple of 16
     mlp = MLP(cfg).to(torch.bfloat16)
     mlp.fuse()
-    monkeypatch.setattr(kernels, "silu_mul_bf16", lambda gu: pytest.fail("the kernel got ffn=40"))
+    monkeypatch.setattr(kernels, "silu_mul", lambda gu: pytest.fail("the kernel got ffn=40"))
     with torch.no_grad():
         assert mlp(torch.randn(1, 3, cfg.dim).bfloat16()).shape == (1, 3, cfg.dim)

@@ -153,7 +153,8 @@ def test_fused_equals_unfused_fp32(build):
         assert prepare(copy.deepcopy(model), "float32", fuse=False).layers[0].attn.qkv_proj is None
         fused = prepare(copy.deepcopy(model), "float32")   # fused by default, fp32 included
         assert fused.layers[0].attn.qkv_proj is not None and not hasattr(fused.layers[0].attn, "q_proj")
-        torch.testing.assert_close(fused(ids), ref, atol=1e-5, rtol=1e-5)
+        # to fp32 rounding: the prepared model's matmuls (recursa.kernels.linear_f32) sum in another order
+        torch.testing.assert_close(fused(ids), ref, atol=5e-5, rtol=1e-5)
     assert "layers.0.attn.q_proj.weight" in model.state_dict()   # the unfused model is untouched
 
 

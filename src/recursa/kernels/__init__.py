@@ -22,7 +22,7 @@ They need a CPU with AMX-BF16 (Sapphire Rapids and later) and Linux's permission
 state; elsewhere `amx_available()` is False and callers keep the GEMV, oneDNN and torch's
 kernels. RECURSA_AMX=0 turns only these off.
 
-`rms_norm_bf16(x, w, eps)`, `silu_mul_bf16(gate_up)`, `rope_qk(qkv, cos, sin, ...)`: a layer's
+`rms_norm(x, w, eps)`, `silu_mul(gate_up)`, `rope_qk(qkv, cos, sin, ...)`: a layer's
 norms, its MLP's activation (bf16) and rope on its queries and keys (bf16, fp32) in one pass each,
 in eager mode (about a tenth of a step at 32 tokens went to the
 five to eight PyTorch ops each of them takes in bf16).
@@ -52,7 +52,7 @@ from recursa.kernels import build
 from recursa.kernels.build import amx_available, available, unavailable_reason
 from recursa.kernels.matmul import (AMX_MAX_ROWS, MAX_ROWS, linear_amx, linear_amx_int, linear_bf16, linear_f32,
                                     pack_amx, pack_amx_int4, pack_amx_int8, pack_f32, supports, supports_f32)
-from recursa.kernels.passes import (kv_write, paged_decode_attention, rms_norm_bf16, rope_qk, row_max, silu_mul_bf16,
+from recursa.kernels.passes import (kv_write, paged_decode_attention, rms_norm, rope_qk, row_max, silu_mul,
                                     supports_attention, supports_elementwise, supports_rope)
 
 # The ops compiled graphs call: declared with a schema and a CPU implementation on a torch.library
@@ -107,5 +107,6 @@ paged_decode_attention_op = torch.ops.recursa.paged_decode_attention
 __all__ = ["AMX_MAX_ROWS", "MAX_ROWS", "amx_available", "available", "build", "kv_write", "linear_amx",
            "linear_amx_int", "linear_amx_int_op", "linear_amx_op", "linear_bf16", "linear_bf16_op", "linear_f32",
            "linear_f32_op", "pack_amx", "pack_amx_int4", "pack_amx_int8", "pack_f32", "paged_decode_attention",
-           "paged_decode_attention_op", "rms_norm_bf16", "rope_qk", "row_max", "silu_mul_bf16", "supports", "supports_attention", "supports_elementwise",
+           "paged_decode_attention_op", "rms_norm", "rope_qk", "row_max", "silu_mul", "supports",
+           "supports_attention", "supports_elementwise",
            "supports_f32", "supports_rope", "unavailable_reason"]

@@ -3,7 +3,8 @@
 #include <stdint.h>
 #include <string.h>
 
-/* The elementwise parts of a bf16 layer in one pass each, rounded where PyTorch's bf16 ops round:
+/* The elementwise parts of a layer in one pass each, bf16 (bf16 1) rounded where PyTorch's bf16 ops
+   round, or fp32 (bf16 0: equal to PyTorch's to rounding, another summation order and exp):
    rms_norm:  y = bf16(w * bf16(x / rms(x)))        (x / rms in fp32, HF Llama's order)
    silu_mul:  y = bf16(bf16(silu(g)) * u)            (gate g, up u: the two halves of gate_up)
    Rows run in parallel; every row is independent. */
@@ -16,22 +17,35 @@ static inline __m512 round_bf16(__m512 v) {   /* to bf16 and back: the rounding 
     return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v));
 }
 
-void recursa_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t dim,
-                           float eps, int threads) {
+static inline __m512 load_any(const void *p, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
+}
+
+static inline __m512 rounded(__m512 v, int bf16) { return bf16 ? round_bf16(v) : v; }
+
+static inline __m512 negated(__m512 v) {   /* -v, signed zeros included */
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000)));
+}
+
+static inline void store_any(void *p, int64_t i, __m512 v, int bf16) {
+    if (bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
+    else _mm512_storeu_ps((float *)p + i, v);
+}
+
+void recursa_rms_norm(const void *x, const void *w, void *y, int64_t rows, int64_t dim, float eps, int bf16,
+                      int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t *xr = x + r * dim;
-        uint16_t *yr = y + r * dim;
         __m512 ss = _mm512_setzero_ps();
         for (int64_t i = 0; i < dim; i += 16) {
-            const __m512 v = load_bf16(xr + i);
+            const __m512 v = load_any(x, r * dim + i, bf16);
             ss = _mm512_fmadd_ps(v, v, ss);
         }
         const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)dim + eps));
         for (int64_t i = 0; i < dim; i += 16) {
-            __m512 v = round_bf16(_mm512_mul_ps(load_bf16(xr + i), inv));
-            if (w) v = _mm512_mul_ps(v, load_bf16(w + i));
-            _mm256_storeu_si256((__m256i *)(yr + i), (__m256i)_mm512_cvtneps_pbh(v));
+            __m512 v = rounded(_mm512_mul_ps(load_any(x, r * dim + i, bf16), inv), bf16);
+            if (w) v = _mm512_mul_ps(v, load_any(w, i, bf16));
+            store_any(y, r * dim + i, v, bf16);
         }
     }
 }
@@ -52,16 +66,15 @@ static inline __m512 exp_ps(__m512 x) {   /* e^x to about 1 ulp: 2^n * (degree-6
     return _mm512_scalef_ps(p, n);
 }
 
-void recursa_silu_mul_bf16(const uint16_t *gate_up, uint16_t *y, int64_t rows, int64_t ffn, int threads) {
+void recursa_silu_mul(const void *gate_up, void *y, int64_t rows, int64_t ffn, int bf16, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t *g = gate_up + 2 * r * ffn, *u = g + ffn;
-        uint16_t *yr = y + r * ffn;
+        const int64_t g = 2 * r * ffn, u = g + ffn;
         for (int64_t i = 0; i < ffn; i += 16) {
-            const __m512 v = load_bf16(g + i);
-            const __m512 silu = round_bf16(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f),
-                                                                          exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
-            _mm256_storeu_si256((__m256i *)(yr + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, load_bf16(u + i))));
+            const __m512 v = load_any(gate_up, g + i, bf16);
+            const __m512 silu = rounded(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                                       exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v)))), bf16);
+            store_any(y, r * ffn + i, _mm512_mul_ps(silu, load_any(gate_up, u + i, bf16)), bf16);
         }
     }
 }
@@ -70,21 +83,6 @@ void recursa_silu_mul_bf16(const uint16_t *gate_up, uint16_t *y, int64_t rows, i
    [heads, N, hd] (the first `heads` heads: queries then keys), cos / sin [N, hd] with equal
    halves; out = x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype as
    PyTorch's ops round them (bf16 1) or computed in fp32 op by op (bf16 0: the same bits). */
-static inline __m512 load_any(const void *p, int64_t i, int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
-}
-
-static inline __m512 rounded(__m512 v, int bf16) { return bf16 ? round_bf16(v) : v; }
-
-static inline __m512 negated(__m512 v) {   /* -v, signed zeros included */
-    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000)));
-}
-
-static inline void store_any(void *p, int64_t i, __m512 v, int bf16) {
-    if (bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
-    else _mm512_storeu_ps((float *)p + i, v);
-}
-
 void recursa_rope_qk(const void *qkv, const void *cos, const void *sin, void *out, int64_t n, int64_t heads_total,
                      int64_t heads, int64_t hd, int bf16, int threads) {
     const int64_t half = hd / 2;

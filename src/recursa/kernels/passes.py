@@ -9,29 +9,32 @@ from recursa.kernels.build import available
 
 
 def supports_elementwise(x: torch.Tensor, size: int | None = None) -> bool:
-    """Whether rms_norm_bf16 / silu_mul_bf16 take x: bf16 on the CPU, the size they run over (x's
+    """Whether rms_norm / silu_mul take x: bf16 or fp32 on the CPU, the size they run over (x's
     last by default; silu_mul: ffn) a multiple of 16, in eager inference (no autograd: they have no
     backward; compiled graphs fuse these ops themselves)."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and (size or x.shape[-1]) % 16 == 0
+    return (x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu" and (size or x.shape[-1]) % 16 == 0
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and available())
 
 
-def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """bf16(weight * bf16(x / rms(x))) over the last dim, as F.rms_norm then a bf16 multiply round."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """weight * (x / rms(x)) over the last dim (weight in x's dtype): bf16 as F.rms_norm then a bf16
+    multiply round it; fp32 as F.rms_norm with the gain, to rounding."""
     x = x.contiguous()
     y = torch.empty_like(x)
-    build._state["rms_norm_bf16"](x.data_ptr(), None if weight is None else weight.data_ptr(), y.data_ptr(),
-                            x.numel() // x.shape[-1], x.shape[-1], eps, torch.get_num_threads())
+    build._state["rms_norm"](x.data_ptr(), None if weight is None else weight.data_ptr(), y.data_ptr(),
+                             x.numel() // x.shape[-1], x.shape[-1], eps, int(x.dtype == torch.bfloat16),
+                             torch.get_num_threads())
     return y
 
 
-def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
-    """bf16(bf16(silu(gate)) * up) for gate_up [..., 2 * ffn] = (gate, up), as F.silu then a multiply."""
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2 * ffn] = (gate, up), as F.silu then a multiply (bf16: the
+    same roundings; fp32: to rounding)."""
     gate_up = gate_up.contiguous()
     ffn = gate_up.shape[-1] // 2
     y = gate_up.new_empty(*gate_up.shape[:-1], ffn)
-    build._state["silu_mul_bf16"](gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * ffn), ffn,
-                            torch.get_num_threads())
+    build._state["silu_mul"](gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * ffn), ffn,
+                             int(gate_up.dtype == torch.bfloat16), torch.get_num_threads())
     return y
 
 

@@ -32,11 +32,11 @@ class RMSNorm(nn.Module):
         One dispatch in fp32 (F.rms_norm's fused gain gives the same bits as weight * rms_norm(x));
         bf16/fp16 inputs are normalised in fp32 inside F.rms_norm (the same bits as an explicit
         x.float() ... .to(dtype)), then scaled in the input dtype, as HF does."""
+        if self.weight.dtype == x.dtype and kernels.supports_elementwise(x):
+            return kernels.rms_norm(x, self.weight, self.eps)   # one pass (bf16: the same two roundings)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)
         if x.dtype in (torch.bfloat16, torch.float16):
-            if self.weight.dtype == x.dtype and kernels.supports_elementwise(x):
-                return kernels.rms_norm_bf16(x, self.weight, self.eps)   # the same two roundings, one pass
             return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
@@ -197,7 +197,7 @@ class MLP(nn.Module):
         if self.gate_up_proj is not None:
             ffn = self.gate_up_proj.out_features // 2
             if lora is None and kernels.supports_elementwise(x, ffn):
-                return self.down_proj(kernels.silu_mul_bf16(self.gate_up_proj(x)))
+                return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
             gate, up = _project_fused(self.gate_up_proj, ("gate_proj", "up_proj"), [ffn, ffn], x, lora)
         else:
             gate, up = _project(self.gate_proj, "gate_proj", x, lora), _project(self.up_proj, "up_proj", x, lora)
