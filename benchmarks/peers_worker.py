@@ -49,6 +49,7 @@ def recursa_engine(args, compile: bool = False):
         if concurrent:
             return [o.token_ids for o in llm.generate(prompts, sp)]
         return [llm.generate([p], sp)[0].token_ids for p in prompts]
+    generate.llm = llm
     return generate, {"recursa": recursa.__version__ if hasattr(recursa, "__version__") else "?",
                       "torch": torch.__version__}
 
@@ -148,8 +149,9 @@ def main() -> None:
             generate(warm[:1], False, 4)
             if args.engine != "llama.cpp":
                 generate(warm, True, 4)
-            if args.engine == "recursa-tc":   # a batch past BF16Linear's kernel size: its graph too
-                generate(warm * 3, True, 4)
+            if args.engine == "recursa-tc":   # every step kind's graph (recursa.LLM.warm_up) ...
+                generate.llm.warm_up()
+                generate(warm * 3, True, 4)     # ... and a batch past the kernels' row limit
     except SystemExit as e:
         reply({"error": str(e)})
         return

@@ -221,3 +221,31 @@ def test_compiled_layers_give_the_same_tokens(model):
     eager = LLM(model, max_num_batched_tokens=16).generate(PROMPTS, params)
     compiled = LLM(model, max_num_batched_tokens=16, compile=True).generate(PROMPTS, params)
     assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+
+
+def test_warm_up_runs_every_step_kind_and_leaves_nothing_behind(model):
+    llm = LLM(model, max_num_seqs=40)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    before = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    free = llm.kv.num_free_blocks
+    steps = []
+    real = llm.step
+    llm.step = lambda: steps.append(len(llm.scheduler.running)) or real()
+    llm.warm_up()
+    llm.step = real
+    assert not llm.has_unfinished() and llm.kv.num_free_blocks == free
+    assert max(steps) == 40 and 1 in steps          # one request alone, and a batch of max_num_seqs
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == before
+
+
+@pytest.mark.slow
+def test_a_warmed_up_compiled_engine_does_not_compile_again(model):
+    import torch._dynamo.utils as dynamo_utils
+
+    llm = LLM(model, max_num_seqs=40, compile=True)
+    llm.warm_up()
+    frames = dynamo_utils.counters["frames"]["ok"]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    llm.generate([[3] * 45], params)                    # a long prompt alone (the recompile warm_up prevents)
+    llm.generate([[4 + i] * (5 + i) for i in range(7)], params)
+    assert dynamo_utils.counters["frames"]["ok"] == frames

@@ -170,6 +170,8 @@ def run(args) -> int:
     exit_policy = _exit_policy(args, model) if args.exit_strategy is not None else None
     strategy = dict(exit_strategy=args.exit_strategy, max_draft=args.max_draft) if exit_policy is not None else {}
     llm = LLM(model, tokenizer, exit_policy=exit_policy, compile=args.compile, **strategy)
+    if args.compile:
+        llm.warm_up()
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k or 0, top_p=args.top_p or 1.0,
                             seed=args.seed, max_tokens=args.max_tokens)
     headers = [f"> {p}\n" if args.chat else p for p in args.prompt]

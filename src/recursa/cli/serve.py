@@ -89,6 +89,9 @@ def run(args) -> int:
     llm = LLM(model, load_tokenizer(directory), exit_policy=exit_policy, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               kv_cache_memory=args.kv_cache_memory_bytes, policy=args.policy, compile=args.compile)
+    if args.compile:
+        print("recursa serve: compiling (warm-up of every step kind) ...", flush=True)
+        llm.warm_up()
     template = ChatTemplate.from_dir(directory)
     name = args.served_model_name or directory.resolve().name
     app = build_app(llm, model_name=name, chat_template=template,
