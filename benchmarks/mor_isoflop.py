@@ -44,7 +44,8 @@ CONFIGS = {  # name -> model fields on top of the shared shape
     "mor-tc3": dict(sharing="middle_cycle", n_loops=3, mor_router="token"),
     "mor-ec3-share": dict(sharing="middle_cycle", n_loops=3, mor_router="expert", mor_kv="share"),
 }
-EXTRA = {  # ablations, run only when named in --configs
+EXTRA = {  # ablations and other sizes, run only when named in --configs
+    "vanilla-4": dict(n_layers=4), "vanilla-6": dict(n_layers=6), "vanilla-12": dict(n_layers=12),
     "mor-ec3-a1": dict(sharing="middle_cycle", n_loops=3, mor_router="expert", mor_alpha=1.0),  # gate scale 1
     "mor-ec3-aux": dict(sharing="middle_cycle", n_loops=3, mor_router="expert", mor_aux_router=True),  # aux router
 }
@@ -150,7 +151,7 @@ def run_one(name, args, vocab, out: Path, tasks, tok) -> dict:
 
     shape = dict(vocab_size=vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                  n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_seq_len=args.seq_len)
-    cfg = ModelConfig(**shape, **{**CONFIGS, **EXTRA}[name])
+    cfg = ModelConfig(**{**shape, **{**CONFIGS, **EXTRA}[name]})
     vanilla = ModelConfig(**shape)
     budget = 3 * forward_flops(vanilla, [1.0], args.seq_len) * args.budget_tokens
     tokens_per_step = args.batch_size * args.seq_len
