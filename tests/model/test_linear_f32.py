@@ -42,6 +42,12 @@ def test_a_rows_result_does_not_depend_on_the_batch():
 
 
 @needs_kernel
+def test_empty_inputs():
+    assert kernels.linear_f32(torch.randn(0, 64), kernels.pack_f32(torch.randn(8, 64)), 8).shape == (0, 8)
+    assert torch.equal(kernels.linear_f32(torch.randn(3, 0), kernels.pack_f32(torch.randn(8, 0)), 8), torch.zeros(3, 8))
+
+
+@needs_kernel
 def test_leading_dimensions_and_non_contiguous_inputs():
     x, w = _case(24, 40, 64)
     wp = kernels.pack_f32(w)

@@ -89,6 +89,8 @@ def pack_f32(w: torch.Tensor) -> torch.Tensor:
 def linear_f32(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
     """x [..., K] fp32 @ w.T -> [..., n] fp32, w given as pack_f32(w) (the caller checked
     `available()`). Eager: a direct call; compiled graphs call `linear_f32_op`."""
+    if x.shape[-1] == 0:   # an empty sum: the kernel would leave y unwritten
+        return x.new_zeros(*x.shape[:-1], n)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     build._state["linear_f32"](x2.data_ptr(), wp.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1], n,
