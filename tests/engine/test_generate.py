@@ -61,3 +61,13 @@ def test_batched_draws_follow_softmax_and_rows_keep_their_settings():
 def test_a_top_p_below_float32_range_keeps_the_top_token():
     rows = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 50)
     assert set(sample(rows, 1.0, top_p=1e-300, generator=torch.Generator().manual_seed(0)).tolist()) == {1}
+
+
+def test_stack_rows_reuses_the_batch_it_came_from_and_copies_otherwise():
+    from recursa.engine.sampling import stack_rows
+
+    logits = torch.randn(5, 11)
+    assert stack_rows(list(logits)) is logits                      # one head call: no copy
+    for rows in (list(logits)[::-1], list(logits)[:4], [logits[0], torch.randn(11)], list(logits[:, :10])):
+        got = stack_rows(rows)                                     # reordered, partial, foreign, strided
+        assert got is not logits and torch.equal(got, torch.stack(rows))

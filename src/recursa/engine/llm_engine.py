@@ -35,7 +35,7 @@ from recursa.engine.output_processor import OutputProcessor
 from recursa.engine.outputs import RequestOutput
 from recursa.engine.policy import make_policy
 from recursa.engine.recursion_kv import RecursionKVCache
-from recursa.engine.sampling import sample_rows_isolated
+from recursa.engine.sampling import sample_rows_isolated, stack_rows
 from recursa.engine.sampling_params import SamplingParams
 from recursa.engine.scheduler import Scheduler
 from recursa.engine.sequence import Sequence, check_prompt
@@ -177,7 +177,7 @@ class LLMEngine:
         self.runner.run_span(group)
         done = self.router.arrive(group)
         ready = [(s, row) for s, row in done if row is not None]
-        tokens = sample_rows_isolated(torch.stack([row for _, row in ready]), [s.params.temperature for s, _ in ready],
+        tokens = sample_rows_isolated(stack_rows([row for _, row in ready]), [s.params.temperature for s, _ in ready],
                              [s.params.top_k for s, _ in ready], [s.params.top_p for s, _ in ready],
                              [s.generator for s, _ in ready]) if ready else []
         for s, _ in done:

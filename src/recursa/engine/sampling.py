@@ -59,6 +59,18 @@ def sample_rows(logits: torch.Tensor, temperatures, top_ks, top_ps, generators) 
     return [t if ok else None for t, ok in zip(tokens.tolist(), finite.tolist())]
 
 
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """rows of logits [V] as one [N, V] tensor: their common base when they are its rows 0..N-1 in
+    order (one head call for the batch, the usual case: no copy), else a stacked copy."""
+    base = rows[0]._base
+    if base is not None and base.dim() == 2 and base.shape[0] == len(rows) and rows[0].shape == base.shape[1:]:
+        start, step = base.data_ptr(), base.stride(0) * base.element_size()
+        if all(r._base is base and r.data_ptr() == start + i * step and r.stride() == base.stride()[1:]
+               for i, r in enumerate(rows)):
+            return base
+    return torch.stack(rows)
+
+
 def sample_rows_isolated(logits: torch.Tensor, temperatures, top_ks, top_ps, generators) -> list[int | None]:
     """sample_rows, and if the batch fails (settings changed after validation, say), each row on
     its own: a row that still fails gets None, and the others their tokens."""
