@@ -193,11 +193,8 @@ def run_one(name, args, vocab, out: Path, tasks, tok) -> dict:
     return row
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/corpus")
-    p.add_argument("--out", default="runs/mor_isoflop")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+def add_training_args(p) -> None:
+    """The shape, budget and optimizer flags run_one reads (shared with benchmarks/mor_pareto.py)."""
     p.add_argument("--budget-tokens", type=int, default=300_000, help="tokens the vanilla model trains on")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=8)
@@ -209,6 +206,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--val-tokens", type=int, default=65536)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/corpus")
+    p.add_argument("--out", default="runs/mor_isoflop")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    add_training_args(p)
     p.add_argument("--fewshot", type=int, default=200, help="LAMBADA and HellaSwag documents each (0: skip)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
