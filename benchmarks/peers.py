@@ -164,6 +164,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds a worker may take to load or to answer")
     ap.add_argument("--logs", default=None, help="directory for the workers' stderr (default: a temp dir)")
     args = ap.parse_args()
+    for flag, given, known in (("--engines", args.engines, {e for e, _ in CELLS}),
+                               ("--precisions", args.precisions, {p for _, p in CELLS})):
+        unknown = sorted(set(given.split(",")) - known)
+        if unknown:   # a misspelt name would otherwise run nothing for it, silently
+            ap.error(f"{flag}: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     if args.quick:
         args.repeats, args.batch1_prompts = 1, min(args.batch1_prompts, 2)
     import tempfile

@@ -1,6 +1,7 @@
 """The pure parts of benchmarks/peers.py and benchmarks/roofline_dtypes.py (no peer engine is
 installed or run here): stored-format byte counts, the ceiling kernels' arithmetic, the vLLM
-requirement filter, prompt generation and the greedy-agreement measure."""
+requirement filter, prompt generation, the greedy-agreement measure and the refusal of unknown
+engine or precision names."""
 import sys
 import zipfile
 from pathlib import Path
@@ -55,3 +56,13 @@ def test_agreement_counts_the_common_prefix():
     assert peers.agreement(ref, ref) == 1.0
     assert peers.agreement([[1, 2, 0, 4], [0, 6, 7, 8]], ref) == (0.5 + 0.0) / 2
     assert peers.agreement(ref, None) is None
+
+
+def test_unknown_engine_or_precision_is_refused_before_anything_runs(monkeypatch, capsys):
+    import pytest
+    for argv in (["--engines", "recursa,llama"], ["--precisions", "fp16"]):
+        monkeypatch.setattr(sys, "argv", ["peers.py", *argv, "--model", "/nonexistent"])
+        with pytest.raises(SystemExit) as e:
+            peers.main()
+        assert e.value.code == 2
+        assert "unknown" in capsys.readouterr().err
