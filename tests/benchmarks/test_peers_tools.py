@@ -6,6 +6,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -59,7 +60,6 @@ def test_agreement_counts_the_common_prefix():
 
 
 def test_unknown_engine_or_precision_is_refused_before_anything_runs(monkeypatch, capsys):
-    import pytest
     for argv in (["--engines", "recursa,llama"], ["--precisions", "fp16"]):
         monkeypatch.setattr(sys, "argv", ["peers.py", *argv, "--model", "/nonexistent"])
         with pytest.raises(SystemExit) as e:
