@@ -3,7 +3,7 @@
 A *span* is every consecutive depth from a boundary up to the next one (llm_engine.py builds
 the boundaries: the model's end, exits, recursion-step ends, shared-block entries), so one
 `run_span` call — one Python engine step — covers many layers: a vanilla model's whole stack,
-as in nano-vllm. The attention metadata (engine/attention.py) is built once per run and reused
+as in nano-vllm; a decode span whose layers allow it is one C call (engine/fused_decode.py). The attention metadata (engine/attention.py) is built once per run and reused
 at every depth of the span; nothing syncs with the host inside a span.
 
 Every request in the group waits at a boundary whose span runs the same stages (the scheduler
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from recursa.engine.attention import PagedBatch, attend
+from recursa.engine.fused_decode import FusedDecode
 from recursa.engine.kv_cache import KVCacheManager
 from recursa.engine.sequence import Sequence
 from recursa.model.decoder import Decoder
@@ -40,6 +41,7 @@ class ModelRunner:
         self.span_len: dict[int, int] = {}   # boundary depth -> depths in the span starting there (set by the engine)
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.fused = FusedDecode(model, kv, self.dtype)   # decode spans in one C call where they allow
         self.gqa = model.cfg.n_kv_heads != model.cfg.n_heads
         self.offset = [kv.offset(model.kv_source(d)) for d in range(model.depth)]   # depth -> slot offset
         self.num_span_runs = 0
@@ -63,7 +65,8 @@ class ModelRunner:
         n = self.span_len[starts[0]]
         same = min(starts) == max(starts)
         offsets = [[self.offset[starts[0] + j]] if same else [self.offset[d + j] for d in starts] for j in range(n)]
-        x = self.forward(self.model, self.kv, batch, x, offsets, starts[0], self.gqa)
+        fused = self.fused.run(batch, x, starts[0], n, same)
+        x = fused if fused is not None else self.forward(self.model, self.kv, batch, x, offsets, starts[0], self.gqa)
         for s, h in zip(seqs, x[0].split(batch.sizes) if len(seqs) > 1 else (x[0],)):
             s.hidden = h
             s.depth += n

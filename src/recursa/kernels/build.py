@@ -21,13 +21,15 @@ _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argume
                  "silu_mul": ([_P] * 2 + [_I64] * 2 + [_I, _I], None),
                  "rope_qk": ([_P] * 4 + [_I64] * 4 + [_I, _I], None),
                  "kv_write": ([_P, _P, _I64, _P, _P, _P] + [_I64] * 8, _I)},
+    "decode_span": {"decode_span": ([_P] * 8 + [_I64, _P, _I64, _P, _P] + [_I64] * 6
+                                    + [ctypes.c_float] * 2 + [_I, _I], _I)},
     "row_max": {"row_max": ([_P] * 3 + [_I64] * 2 + [_I, _I], None)},
     "linear_f32": {"linear_f32": ([_P] * 3 + [_I64] * 3 + [_I], None)},
     "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None),
                    "linear_amx_int": ([_P] * 4 + [_I64] * 3 + [_I, _I], None), "amx_init": ([], _I)},
 }
 _FLAGS = {"linear_amx": ["-mamx-tile", "-mamx-bf16"]}   # beyond the common ones
-_BASE = ("linear_bf16", "linear_f32", "paged_attention", "norm_act", "row_max")             # built by _load; linear_amx on demand
+_BASE = ("linear_bf16", "linear_f32", "paged_attention", "norm_act", "row_max", "decode_span")             # built by _load; linear_amx on demand
 _state: dict = {}   # the loaded functions by name, and what _load / amx_available found
 
 

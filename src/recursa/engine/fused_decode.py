@@ -1,0 +1,119 @@
+"""A decode span in one C call (recursa.kernels' `decode_span`), where every layer of it allows.
+
+An eager decode layer is about a dozen kernel calls (norm, q/k/v matmul, rope, KV write,
+attention, o matmul, residual add, norm, gate/up matmul, activation, down matmul, add), each
+wrapped in Python that checks, allocates and dispatches; at 30 layers and 32 tokens that glue was
+about a fifth of a step on this CPU, and torch.compile's graph keeps much of it (custom-op calls,
+guards). `FusedDecode` hands the same kernels the whole span at once: same kernels, same order,
+same roundings, so the hidden states and the cache come out with the same bits as the eager layer
+(tests/engine/test_fused_decode.py).
+
+It runs a span when: the tokens are one decode token per request over a dense cache read in
+place (`PagedBatch.in_place`), all at the same depth; each layer is a plain fused `Block` (no
+LoRA adapters, its own keys/values) whose projections at this many rows take one of the C
+matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX tiles, the packed fp32 GEMM). Anything else (an
+fp32 single row, which MKL's GEMV serves; int4 at <= 4 rows, torch's kernel) keeps the layer-by-
+layer path. RECURSA_FUSED_DECODE=0 turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from recursa import kernels
+from recursa.kernels import build
+from recursa.model.cpu_linear import CPULinear
+from recursa.model.layers import Block
+from recursa.model.quant_linear import Int4Linear, Int8Linear
+
+_FUNCTIONS = ("rms_norm", "silu_mul", "rope_qk", "kv_write", "paged_decode_attention", "linear_amx", "linear_amx_int",
+              "linear_f32", "linear_bf16")   # the order of decode_span.c's enum K
+_AMX, _AMX_INT, _F32, _BF16 = 1, 2, 3, 4
+_LAYER_WORDS = 24
+
+
+def _projection(proj, rows: int, dtype: torch.dtype) -> list[int] | None:
+    """decode_span's words for `proj` at `rows` tokens — the kernel its forward would call — or None."""
+    if isinstance(proj, CPULinear) and proj.bias is None and proj.weight.dtype == dtype:
+        if proj.f32_packed is not None:
+            return [_F32, proj.f32_packed.data_ptr(), 0, proj.out_features, 0] if rows > 1 else None
+        if proj.amx_packed is not None and rows <= kernels.AMX_MAX_ROWS:
+            return [_AMX, proj.amx_packed.data_ptr(), 0, proj.out_features, 0]
+        if dtype == torch.bfloat16 and rows <= kernels.MAX_ROWS and kernels.supports(proj.weight):
+            return [_BF16, proj.weight.data_ptr(), 0, proj.out_features, 0]
+        return None
+    if dtype == torch.bfloat16 and isinstance(proj, (Int8Linear, Int4Linear)) and proj.amx_q is not None:
+        if isinstance(proj, Int4Linear) and rows <= kernels.MAX_ROWS:
+            return None
+        return [_AMX_INT, proj.amx_q.data_ptr(), proj.amx_sm.data_ptr(), proj.out_features,
+                8 if isinstance(proj, Int8Linear) else 4]
+    return None
+
+
+class FusedDecode:
+    """Plans (per span start, length and row count) and runs decode spans through decode_span."""
+
+    def __init__(self, model, kv, dtype: torch.dtype):
+        cfg = model.cfg
+        self.model, self.kv, self.dtype = model, kv, dtype
+        self.enabled = (os.environ.get("RECURSA_FUSED_DECODE", "1") != "0" and kv.k.device.type == "cpu"
+                        and dtype in (torch.bfloat16, torch.float32) and kernels.available()
+                        and cfg.dim % 16 == 0 and cfg.head_dim % 32 == 0 and cfg.ffn_dim % 16 == 0
+                        and kernels.supports_attention(cfg.n_heads, kv.k, dtype))
+        self._plans: dict[tuple[int, int, int], torch.Tensor | None] = {}
+        self._fn = None
+
+    def _layer(self, depth: int, rows: int) -> list[int] | None:
+        m = self.model
+        block = m.stage(depth)
+        if (type(block) is not Block or m.adapters(depth) is not None or m.kv_source(depth) != depth
+                or block.attn.qkv_proj is None or block.mlp.gate_up_proj is None
+                or block.attn_norm.weight.dtype != self.dtype or block.mlp_norm.weight.dtype != self.dtype):
+            return None
+        projs = [_projection(p, rows, self.dtype) for p in
+                 (block.attn.qkv_proj, block.attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj)]
+        if any(p is None for p in projs):
+            return None
+        words = [block.attn_norm.weight.data_ptr(), block.mlp_norm.weight.data_ptr(),
+                 self.kv.offset(m.kv_source(depth))] + [w for p in projs for w in p]
+        return words + [0] * (_LAYER_WORDS - len(words))
+
+    def plan(self, first: int, n: int, rows: int) -> torch.Tensor | None:
+        """The layer table [n, 24] of depths first .. first + n - 1 at `rows` tokens, or None."""
+        key = (first, n, rows)
+        if key not in self._plans:
+            layers = [self._layer(d, rows) for d in range(first, first + n)]
+            self._plans[key] = None if any(w is None for w in layers) else torch.tensor(layers, dtype=torch.int64)
+        return self._plans[key]
+
+    def _functions(self):
+        if self._fn is None:
+            kernels.amx_available()   # loads linear_amx where the CPU has it
+            self._fn = (ctypes.c_void_p * len(_FUNCTIONS))(
+                *[ctypes.cast(build._state[f], ctypes.c_void_p).value if f in build._state else None
+                  for f in _FUNCTIONS])
+        return self._fn
+
+    def run(self, batch, x: torch.Tensor, first: int, n: int, same: bool) -> torch.Tensor | None:
+        """x [1, M, D] after depths first .. first + n - 1 (a new tensor), or None where it cannot run."""
+        if not (self.enabled and same and batch.in_place and x.dtype == self.dtype):
+            return None
+        rows = x.shape[1]
+        table = self.plan(first, n, rows)
+        if table is None:
+            return None
+        cfg, kv = self.model.cfg, self.kv
+        x = x.contiguous().clone()
+        cos, sin = batch.cos.contiguous(), batch.sin.contiguous()
+        slots, new_slots, lens = batch.slots.contiguous(), batch.new_slots.contiguous(), batch.lens.contiguous()
+        status = build._state["decode_span"](
+            self._functions(), table.data_ptr(), n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), kv.k.data_ptr(),
+            kv.v.data_ptr(), kv.k.shape[0], slots.data_ptr(), slots.shape[1], new_slots.data_ptr(), lens.data_ptr(),
+            rows, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps, cfg.head_dim ** -0.5,
+            int(self.dtype == torch.bfloat16), torch.get_num_threads())
+        if status:
+            raise RuntimeError(f"decode_span failed at layer {first + status // 10} (status {status % 10})")
+        kv.entries_written += n * rows
+        return x

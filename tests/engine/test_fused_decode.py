@@ -1,0 +1,87 @@
+"""Decode spans in one C call (engine/fused_decode.py) against the layer-by-layer eager path.
+
+Every fused span the engine runs is replayed eagerly on a copy of the cache taken before it: the
+hidden states and every key/value the span wrote must have the same bits, in bf16, fp32, int8 and
+int4 weights, for requests of different lengths decoding side by side. Where a layer cannot be
+fused (an fp32 single row, int4 at <= 4 rows, LoRA-relaxed depths) the eager path runs instead.
+"""
+import pytest
+import torch
+
+import recursa
+from recursa import SamplingParams, kernels
+from recursa.model import Decoder
+from recursa.presets import preset
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
+
+PROMPTS = [[5, 17, 99], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300] * 40, [7, 8],
+           list(range(100, 133))]
+
+
+def _replaying(llm):
+    """Wrap the runner's fused path: each call is checked against the eager span on a cache copy."""
+    runner, fused = llm.runner, llm.runner.fused
+    run, calls = fused.run, []
+
+    def checked(batch, x, first, n, same):
+        kv = runner.kv
+        k0, v0 = kv.k.clone(), kv.v.clone()
+        out = run(batch, x, first, n, same)
+        if out is None:
+            return None
+        k1, v1 = kv.k.clone(), kv.v.clone()
+        kv.k.copy_(k0)
+        kv.v.copy_(v0)
+        offsets = [[runner.offset[first + j]] for j in range(n)]
+        ref = runner.forward(runner.model, kv, batch, x, offsets, first, runner.gqa)
+        assert torch.equal(out, ref), f"hidden states differ (rows {x.shape[1]})"
+        assert torch.equal(kv.k, k1) and torch.equal(kv.v, v1), "cache writes differ"
+        calls.append(x.shape[1])
+        return out
+
+    fused.run = checked
+    return calls
+
+
+@pytest.mark.parametrize("dtype, quantization", [("bfloat16", None), ("float32", None), ("bfloat16", "int8"),
+                                                 ("bfloat16", "int4")])
+def test_fused_spans_have_the_eager_bits(dtype, quantization):
+    torch.manual_seed(0)
+    model = Decoder(preset("tiny")).eval()
+    llm = recursa.LLM(model, dtype=dtype, quantization=quantization, kv_cache_memory=2**22, max_num_seqs=8)
+    calls = _replaying(llm)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert all(len(o.token_ids) == 12 for o in outs)
+    assert calls and max(calls) == len(PROMPTS)          # the full batch decoded fused
+    if dtype == "float32" or quantization == "int4":    # a lone request: MKL's GEMV / torch's int4 kernel
+        one = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        assert len(one[0].token_ids) == 3 and min(calls) > 1
+
+
+def test_fused_outputs_equal_the_unfused_engine(monkeypatch):
+    """End to end: the same tokens with the fused path off (RECURSA_FUSED_DECODE=0)."""
+    torch.manual_seed(1)
+    model = Decoder(preset("tiny")).eval()
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    fused = recursa.LLM(model, dtype="bfloat16", kv_cache_memory=2**22)
+    assert fused.runner.fused.enabled
+    monkeypatch.setenv("RECURSA_FUSED_DECODE", "0")
+    plain = recursa.LLM(model, dtype="bfloat16", kv_cache_memory=2**22)
+    assert not plain.runner.fused.enabled
+    assert [o.token_ids for o in fused.generate(PROMPTS, params)] == [o.token_ids for o in plain.generate(PROMPTS, params)]
+    assert any(t is not None for t in fused.runner.fused._plans.values())
+
+
+def test_relaxed_depths_stay_eager():
+    """A LoRA-relaxed recursive model's shared depths are never fused (the C span has no adapters),
+    and its outputs still come out (through the eager layers)."""
+    torch.manual_seed(2)
+    model = Decoder(preset("tiny", sharing="cycle", n_loops=2, lora_rank_attn=4, lora_rank_mlp=4)).eval()
+    for p in model.lora.parameters():            # non-zero adapters, so that skipping them would show
+        torch.nn.init.normal_(p, std=0.02)
+    llm = recursa.LLM(model, kv_cache_memory=2**22)
+    calls = _replaying(llm)
+    outs = llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert all(len(o.token_ids) == 4 for o in outs)
+    assert llm.runner.fused._plans and all(v is None for v in llm.runner.fused._plans.values()) and not calls
