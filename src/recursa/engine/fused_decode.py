@@ -11,9 +11,8 @@ same roundings, so the hidden states and the cache come out with the same bits a
 It runs a span when: the tokens are one decode token per request over a dense cache read in
 place (`PagedBatch.in_place`), all at the same depth; each layer is a plain fused `Block` (no
 LoRA adapters, its own keys/values) whose projections at this many rows take one of the C
-matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX tiles, the packed fp32 GEMM). Anything else (an
-fp32 single row, which MKL's GEMV serves; int4 at <= 4 rows, torch's kernel) keeps the layer-by-
-layer path. RECURSA_FUSED_DECODE=0 turns it off.
+matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX tiles, the packed fp32 GEMM/GEMV). Anything else
+(int4 at <= 4 rows, which torch's kernel serves) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns it off.
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ def _projection(proj, rows: int, dtype: torch.dtype) -> list[int] | None:
     """decode_span's words for `proj` at `rows` tokens — the kernel its forward would call — or None."""
     if isinstance(proj, CPULinear) and proj.bias is None and proj.weight.dtype == dtype:
         if proj.f32_packed is not None:
-            return [_F32, proj.f32_packed.data_ptr(), 0, proj.out_features, 0] if rows > 1 else None
+            return [_F32, proj.f32_packed.data_ptr(), 0, proj.out_features, 0]
         if proj.amx_packed is not None and rows <= kernels.AMX_MAX_ROWS:
             return [_AMX, proj.amx_packed.data_ptr(), 0, proj.out_features, 0]
         if dtype == torch.bfloat16 and rows <= kernels.MAX_ROWS and kernels.supports(proj.weight):

@@ -5,9 +5,9 @@ At decode sizes a matmul reads its whole weight for a few rows. bf16 goes to
 a second, tile-ordered copy of the weight), else to `recursa.kernels.linear_bf16` up to
 `kernels.MAX_ROWS` (AVX512-BF16 GEMV, about twice oneDNN's speed at batch 1), and past that to
 oneDNN's prepacked GEMM (`torch.ops.mkldnn._linear_pointwise` on a reordered weight, 1.15-1.35x
-F.linear, bit-identical to it). fp32 stays on F.linear for one row (MKL's GEMV is at memory
-bandwidth there) and goes to `recursa.kernels.linear_f32` from two rows up, over a panel-ordered
-copy (1.3-1.9x F.linear at 4-64 rows, level with MKL's packed GEMM past 128); without the kernels
+F.linear, bit-identical to it). fp32 goes to `recursa.kernels.linear_f32` at every row count,
+over a panel-ordered copy (at one row a prefetched GEMV, ~7% ahead of MKL's; 1.3-1.9x F.linear at
+4-64 rows, level with MKL's packed GEMM past 128); without the kernels
 it takes MKL's packed GEMM (`torch.ops.mkl._mkl_linear`). So a projection holds its plain weight
 and one packed copy (bf16 with AMX: two). Inside torch.compile the custom ops stay
 (`recursa::linear_f32`, `recursa::linear_amx`, `recursa::linear_bf16`) and the rest take F.linear
@@ -56,8 +56,6 @@ class CPULinear(nn.Linear):
         if x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         if self.f32_packed is not None:
-            if x.numel() == x.shape[-1]:
-                return F.linear(x, self.weight, self.bias)
             y = (kernels.linear_f32_op if torch.compiler.is_compiling() else kernels.linear_f32)(
                 x, self.f32_packed, self.out_features)
             return y if self.bias is None else y + self.bias
