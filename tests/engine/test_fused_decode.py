@@ -20,24 +20,24 @@ PROMPTS = [[5, 17, 99], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 
 
 
 def _replaying(llm):
-    """Wrap the runner's fused path: each call is checked against the eager span on a cache copy."""
+    """Wrap the runner's fused path: each call is checked against the eager span on a cache copy.
+    Returns (rows, layers) of each fused call."""
     runner, fused = llm.runner, llm.runner.fused
     run, calls = fused.run, []
 
-    def checked(batch, x, first, n, same):
+    def checked(batch, x, first, offsets):
         kv = runner.kv
         k0, v0 = kv.k.clone(), kv.v.clone()
-        out = run(batch, x, first, n, same)
+        out = run(batch, x, first, offsets)
         if out is None:
             return None
         k1, v1 = kv.k.clone(), kv.v.clone()
         kv.k.copy_(k0)
         kv.v.copy_(v0)
-        offsets = [[runner.offset[first + j]] for j in range(n)]
         ref = runner.forward(runner.model, kv, batch, x, offsets, first, runner.gqa)
         assert torch.equal(out, ref), f"hidden states differ (rows {x.shape[1]})"
         assert torch.equal(kv.k, k1) and torch.equal(kv.v, v1), "cache writes differ"
-        calls.append(x.shape[1])
+        calls.append((x.shape[1], len(offsets)))
         return out
 
     fused.run = checked
@@ -53,10 +53,24 @@ def test_fused_spans_have_the_eager_bits(dtype, quantization):
     calls = _replaying(llm)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert all(len(o.token_ids) == 12 for o in outs)
-    assert calls and max(calls) == len(PROMPTS)          # the full batch decoded fused
+    assert calls and max(c[0] for c in calls) == len(PROMPTS)          # the full batch decoded fused
     one = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert len(one[0].token_ids) == 3
-    assert (min(calls) > 1) == (quantization == "int4")   # a lone request: fused, but for torch's int4 kernel
+    assert (min(c[0] for c in calls) > 1) == (quantization == "int4")   # one request: fused, but torch's int4 kernel
+
+
+@pytest.mark.parametrize("name", ["mor-tiny", "mor-tiny-token"])
+def test_mor_spans_fuse_with_the_eager_bits(name):
+    """MoR under recursion-wise caching: each recursion step's span (two layers) reads and writes its
+    compact per-layer tables."""
+    torch.manual_seed(3)
+    model = Decoder(preset(name)).eval()
+    llm = recursa.LLM(model, dtype="float32", kv_cache_memory=2**22, max_num_seqs=8)
+    assert llm.runner.kv.compact
+    calls = _replaying(llm)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert all(len(o.token_ids) == 12 for o in outs)
+    assert any(layers > 1 for _, layers in calls), calls   # a whole recursion step in one call
 
 
 def test_fused_outputs_equal_the_unfused_engine(monkeypatch):
@@ -80,7 +94,8 @@ def test_relaxed_depths_stay_eager():
     model = Decoder(preset("tiny", sharing="cycle", n_loops=2, lora_rank_attn=4, lora_rank_mlp=4)).eval()
     for p in model.lora.parameters():            # non-zero adapters, so that skipping them would show
         torch.nn.init.normal_(p, std=0.02)
-    llm = recursa.LLM(model, kv_cache_memory=2**22)
+    llm = recursa.LLM(model, dtype="float32", kv_cache_memory=2**22)   # dtype: prepared for inference (fused)
+    assert model.layers[0].attn.qkv_proj is not None
     calls = _replaying(llm)
     outs = llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert all(len(o.token_ids) == 4 for o in outs)

@@ -42,14 +42,15 @@ class PagedBatch:
             slots = kv.slots([s.block_table for s in seqs], kv_len)              # [B, Smax] host
             keys = torch.arange(kv_len)[None]                                     # key positions [1, Smax]
         kv_len = keys.shape[-1]
-        # decode over a dense cache on the CPU: recursa's kernel reads the cache where it lies
-        self.in_place = (self.decode and not self.per_layer
-                         and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype))
+        # decode on the CPU: recursa's kernel reads the cache where it lies (a dense cache's
+        # positions 0..p, or a compact table's first entries: a decode token's own is its last)
+        self.in_place = self.decode and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype)
         if self.decode:
             self.valid = self.pad_index = self.unpad = None
-            self.lens = (packed + 1).to(device) if self.in_place else None            # keys per request
             qpos = packed[:, None]                                                # [B, 1]
             mask = keys <= qpos                                                   # [B, Smax]
+            lens = mask.sum(-1) if self.per_layer else packed + 1                # keys per request
+            self.lens = lens.to(device) if self.in_place else None
             if not self.per_layer:
                 self.new_slots = slots.gather(1, qpos)[:, 0]
         else:
@@ -92,8 +93,9 @@ def attend(batch: PagedBatch, kv: KVCacheManager, offsets: list[int], gqa: bool)
             kv.write(new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
         if batch.in_place:
             kernel = kernels.paged_decode_attention_op if torch.compiler.is_compiling() else kernels.paged_decode_attention
-            out = kernel(q[0].transpose(0, 1), kv.k, kv.v, batch.slots if same else slots, offsets[0] if same else 0,
-                         batch.lens)                                              # [B, H, hd]
+            dense_same = same and not batch.per_layer
+            out = kernel(q[0].transpose(0, 1), kv.k, kv.v, batch.slots if dense_same else slots,
+                         offsets[0] if dense_same else 0, batch.lens)             # [B, H, hd]
             return out.transpose(0, 1)[None]
         keys, values = kv.read(slots)
         mask = batch.mask

@@ -8,8 +8,9 @@ guards). `FusedDecode` hands the same kernels the whole span at once: same kerne
 same roundings, so the hidden states and the cache come out with the same bits as the eager layer
 (tests/engine/test_fused_decode.py).
 
-It runs a span when: the tokens are one decode token per request over a dense cache read in
-place (`PagedBatch.in_place`), all at the same depth; each layer is a plain fused `Block` (no
+It runs a span when: the tokens are one decode token per request, attending in place
+(`PagedBatch.in_place`): over a dense cache with every request at one depth, or over
+recursion-wise caching's compact tables at any mix of depths; each layer is a plain fused `Block` (no
 LoRA adapters, its own keys/values) whose projections at this many rows take one of the C
 matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX tiles, the packed fp32 GEMM/GEMV). Anything else
 (int4 at <= 4 rows, which torch's kernel serves) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns it off.
@@ -95,24 +96,38 @@ class FusedDecode:
                   for f in _FUNCTIONS])
         return self._fn
 
-    def run(self, batch, x: torch.Tensor, first: int, n: int, same: bool) -> torch.Tensor | None:
-        """x [1, M, D] after depths first .. first + n - 1 (a new tensor), or None where it cannot run."""
-        if not (self.enabled and same and batch.in_place and x.dtype == self.dtype):
+    def run(self, batch, x: torch.Tensor, first: int, offsets: list[list[int]]) -> torch.Tensor | None:
+        """x [1, M, D] after the span's depths first .. first + len(offsets) - 1 (a new tensor), or None
+        where it cannot run. offsets[j]: the slot offset of depth first + j's cache layer, one for
+        all requests or one per request (requests at different loops of a shared block: fused only
+        under recursion-wise caching, whose per-layer tables already hold each request's slots)."""
+        if not (self.enabled and batch.in_place and x.dtype == self.dtype
+                and (batch.per_layer or all(len(o) == 1 for o in offsets))):   # dense: one depth for all
             return None
-        rows = x.shape[1]
+        rows, n = x.shape[1], len(offsets)
         table = self.plan(first, n, rows)
         if table is None:
             return None
         cfg, kv = self.model.cfg, self.kv
         x = x.contiguous().clone()
-        cos, sin = batch.cos.contiguous(), batch.sin.contiguous()
-        slots, new_slots, lens = batch.slots.contiguous(), batch.new_slots.contiguous(), batch.lens.contiguous()
+        slots, new_slots, index, slot_stride, new_stride = self._slots(batch, offsets)
+        cos, sin, lens = batch.cos.contiguous(), batch.sin.contiguous(), batch.lens.contiguous()
         status = build._state["decode_span"](
             self._functions(), table.data_ptr(), n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), kv.k.data_ptr(),
-            kv.v.data_ptr(), kv.k.shape[0], slots.data_ptr(), slots.shape[1], new_slots.data_ptr(), lens.data_ptr(),
+            kv.v.data_ptr(), kv.k.shape[0], slots.data_ptr(), slots.shape[-1], new_slots.data_ptr(),
+            None if index is None else index.data_ptr(), slot_stride, new_stride, lens.data_ptr(),
             rows, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps, cfg.head_dim ** -0.5,
             int(self.dtype == torch.bfloat16), torch.get_num_threads())
         if status:
-            raise RuntimeError(f"decode_span failed at layer {first + status // 10} (status {status % 10})")
+            raise RuntimeError(f"decode_span failed at depth {first + status // 10} (status {status % 10})")
         kv.entries_written += n * rows
         return x
+
+    @staticmethod
+    def _slots(batch, offsets: list[list[int]]):
+        """(slots, new slots, table index per layer or None, strides) as decode_span reads them."""
+        if batch.per_layer:   # recursion-wise caching: layer j's tables are slots[offsets[j][0]]
+            slots, new = batch.slots.contiguous(), batch.new_slots.contiguous()
+            index = torch.tensor([o[0] for o in offsets], dtype=torch.int64)
+            return slots, new, index, slots[0].numel(), new.shape[-1]
+        return batch.slots.contiguous(), batch.new_slots.contiguous(), None, 0, 0   # + each layer's offset

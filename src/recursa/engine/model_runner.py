@@ -65,7 +65,7 @@ class ModelRunner:
         n = self.span_len[starts[0]]
         same = min(starts) == max(starts)
         offsets = [[self.offset[starts[0] + j]] if same else [self.offset[d + j] for d in starts] for j in range(n)]
-        fused = self.fused.run(batch, x, starts[0], n, same)
+        fused = self.fused.run(batch, x, starts[0], offsets)
         x = fused if fused is not None else self.forward(self.model, self.kv, batch, x, offsets, starts[0], self.gqa)
         for s, h in zip(seqs, x[0].split(batch.sizes) if len(seqs) > 1 else (x[0],)):
             s.hidden = h

@@ -13,8 +13,12 @@
    recursa already loaded, so nothing is compiled twice. layers [L, LAYER_WORDS] int64 per depth:
    attention-norm and MLP-norm weights, the depth's slot offset, then four projections (q/k/v, o,
    gate/up, down) of PROJ_WORDS each: kind, weight, scales (int kinds), output size, bits.
-   x [M, D] (M requests, one token each) is updated in place (D % 16 == 0); cos/sin [M, hd]; slots [M, smax] and
-   new_slots [M] at cache layer 0; lens [M]. Returns 0, or the failing kernel's status + 10 * step. */
+   x [M, D] (M requests, one token each) is updated in place (D % 16 == 0); cos/sin [M, hd]; lens [M].
+   Slots, two ways: table_index NULL: slots [M, smax] and new_slots [M] at cache layer 0, plus each
+   depth's slot offset (a dense cache, every request at the same depth); else layer l reads the
+   tables slots + table_index[l] * slot_stride ([M, smax]) and new_slots + table_index[l] * new_stride
+   ([M]) as they are (recursion-wise caching's per-layer tables).
+   Returns 0, or 10 * layer + 1 (a slot out of range) or + 2 (attention failed). */
 
 enum K { RMS_NORM, SILU_MUL, ROPE_QK, KV_WRITE, ATTENTION, LINEAR_AMX, LINEAR_AMX_INT, LINEAR_F32, LINEAR_BF16, NK };
 enum { PROJ_AMX = 1, PROJ_AMX_INT = 2, PROJ_F32 = 3, PROJ_BF16 = 4 };
@@ -60,7 +64,8 @@ static void add_into(void *x, const void *y, int64_t n, int bf16) {
 
 int recursa_decode_span(void *const *fn, const int64_t *layers, int64_t L, void *x, const void *cos, const void *sin,
                         void *k_cache, void *v_cache, int64_t num_slots, const int64_t *slots, int64_t smax,
-                        const int64_t *new_slots, const int64_t *lens, int64_t M, int64_t D, int64_t H, int64_t Hkv,
+                        const int64_t *new_slots, const int64_t *table_index, int64_t slot_stride, int64_t new_stride,
+                        const int64_t *lens, int64_t M, int64_t D, int64_t H, int64_t Hkv,
                         int64_t hd, int64_t F, float eps, float scale, int bf16, int threads) {
     const int64_t e = bf16 ? 2 : 4, Nqkv = (H + 2 * Hkv) * hd, Hq = H * hd;
     /* scratch: h [M, D], qkv [M, Nqkv], qk [H + Hkv, M, hd], q [M, H, hd], attn [M, Hq], o [M, D],
@@ -75,11 +80,13 @@ int recursa_decode_span(void *const *fn, const int64_t *layers, int64_t L, void 
     int64_t *shifted = (int64_t *)(scratch + total + 64);
     int status = 0;
     for (int64_t l = 0; l < L && !status; ++l) {
-        const int64_t *lw = layers + l * LAYER_WORDS, offset = lw[2];
+        const int64_t *lw = layers + l * LAYER_WORDS, offset = table_index ? 0 : lw[2];
+        const int64_t *sl = table_index ? slots + table_index[l] * slot_stride : slots;
+        const int64_t *ns = table_index ? new_slots + table_index[l] * new_stride : new_slots;
         ((rms_norm_t)fn[RMS_NORM])(x, (const void *)lw[0], h, M, D, eps, bf16, threads);
         project(fn, lw + 3, h, qkv, M, D, threads);
         ((rope_qk_t)fn[ROPE_QK])(qkv, cos, sin, qk, M, H + 2 * Hkv, H + Hkv, hd, bf16, threads);
-        for (int64_t t = 0; t < M; ++t) shifted[t] = new_slots[t] + offset;
+        for (int64_t t = 0; t < M; ++t) shifted[t] = ns[t] + offset;
         /* keys: the rotated heads H.. of qk [heads, M, hd]; values: qkv's last Hkv heads, unrotated */
         if (((kv_write_t)fn[KV_WRITE])(k_cache, v_cache, num_slots, shifted, (char *)qk + H * M * hd * e,
                                        (char *)qkv + (H + Hkv) * hd * e, M, Hkv, hd, hd, M * hd, Nqkv, hd, e)) {
@@ -89,7 +96,7 @@ int recursa_decode_span(void *const *fn, const int64_t *layers, int64_t L, void 
         for (int64_t t = 0; t < M; ++t)   /* queries [H, M, hd] -> [M, H, hd] */
             for (int64_t i = 0; i < H; ++i)
                 memcpy((char *)q + (t * H + i) * hd * e, (char *)qk + (i * M + t) * hd * e, hd * e);
-        const int s = ((attention_t)fn[ATTENTION])(q, k_cache, v_cache, slots, smax, offset, lens, attn, M, H, Hkv, hd,
+        const int s = ((attention_t)fn[ATTENTION])(q, k_cache, v_cache, sl, smax, offset, lens, attn, M, H, Hkv, hd,
                                                    scale, bf16, threads);
         if (s) { status = 10 * l + 2; break; }
         project(fn, lw + 3 + PROJ_WORDS, attn, o, M, Hq, threads);
