@@ -64,7 +64,9 @@ static void run_rows(const float *x, int64_t ldx, const float *wp, int64_t k0, i
 /* one row: each panel's two fp32 FMA chains in k order (the same sums as the row blocks, so a
    row's result still does not depend on its batch), its stream prefetched 16 KiB ahead into L2:
    over SmolLM2's matrices, 2 threads, 19.7-20.0 ms a pass against 21.0-21.3 for MKL's GEMV and
-   22-23 for the row-block loop at one row (benchmarks/cpu_kernels.py, fp32 rows 1) */
+   22-23 for the row-block loop at one row in a bare ctypes loop; 20.8 against F.linear's 20.4
+   through the Python wrappers (benchmarks/cpu_kernels.py --formats fp32 --rows 1): level with
+   MKL, and callable from decode_span.c, which MKL's GEMV is not */
 static void gemv_panel(const float *x, const float *wp, float *y, int64_t K, int64_t cols) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {

@@ -6,7 +6,7 @@ a second, tile-ordered copy of the weight), else to `recursa.kernels.linear_bf16
 `kernels.MAX_ROWS` (AVX512-BF16 GEMV, about twice oneDNN's speed at batch 1), and past that to
 oneDNN's prepacked GEMM (`torch.ops.mkldnn._linear_pointwise` on a reordered weight, 1.15-1.35x
 F.linear, bit-identical to it). fp32 goes to `recursa.kernels.linear_f32` at every row count,
-over a panel-ordered copy (at one row a prefetched GEMV, ~7% ahead of MKL's; 1.3-1.9x F.linear at
+over a panel-ordered copy (at one row a prefetched GEMV, level with MKL's; 1.3-1.9x F.linear at
 4-64 rows, level with MKL's packed GEMM past 128); without the kernels
 it takes MKL's packed GEMM (`torch.ops.mkl._mkl_linear`). So a projection holds its plain weight
 and one packed copy (bf16 with AMX: two). Inside torch.compile the custom ops stay
