@@ -10,8 +10,13 @@ import torch
 
 import recursa
 from recursa import SamplingParams, kernels
+from recursa.engine.exit_policy import ExitPolicy
+from recursa.engine.thresholds import Fixed
 from recursa.model import Decoder
+from recursa.model.exits import ExitSpec
 from recursa.presets import preset
+from reference import full_forward_generate
+from tiny_models import agreeing_exit_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
 
@@ -21,7 +26,7 @@ PROMPTS = [[5, 17, 99], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 
 
 def _replaying(llm):
     """Wrap the runner's fused path: each call is checked against the eager span on a cache copy.
-    Returns (rows, layers) of each fused call."""
+    Returns (tokens, layers, most tokens of one request) of each fused call."""
     runner, fused = llm.runner, llm.runner.fused
     run, calls = fused.run, []
 
@@ -37,7 +42,7 @@ def _replaying(llm):
         ref = runner.forward(runner.model, kv, batch, x, offsets, first, runner.gqa)
         assert torch.equal(out, ref), f"hidden states differ (rows {x.shape[1]})"
         assert torch.equal(kv.k, k1) and torch.equal(kv.v, v1), "cache writes differ"
-        calls.append((x.shape[1], len(offsets)))
+        calls.append((x.shape[1], len(offsets), max(batch.sizes)))
         return out
 
     fused.run = checked
@@ -70,7 +75,7 @@ def test_mor_spans_fuse_with_the_eager_bits(name):
     calls = _replaying(llm)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert all(len(o.token_ids) == 12 for o in outs)
-    assert any(layers > 1 for _, layers in calls), calls   # a whole recursion step in one call
+    assert any(layers > 1 for _, layers, _ in calls), calls   # a whole recursion step in one call
 
 
 def test_fused_outputs_equal_the_unfused_engine(monkeypatch):
@@ -100,3 +105,21 @@ def test_relaxed_depths_stay_eager():
     outs = llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert all(len(o.token_ids) == 4 for o in outs)
     assert llm.runner.fused._plans and all(v is None for v in llm.runner.fused._plans.values()) and not calls
+
+
+@pytest.mark.parametrize("strategy", ["speculative", "parallel"])
+def test_exit_chunks_fuse_with_the_eager_bits(strategy):
+    """Self-speculative verification (a draft of several tokens per request) and parallel decoding's
+    catch-up (exited tokens riding along with the next) are short chunks: they fuse too, with the
+    eager bits, and greedy output stays the full model's."""
+    model = agreeing_exit_model()
+    prompts = [[t % 256 for t in p] for p in PROMPTS]          # its vocabulary
+    with torch.no_grad():
+        expected = [full_forward_generate(model, p, 10) for p in prompts]
+    llm = recursa.LLM(model, dtype="float32", exit_policy=ExitPolicy(ExitSpec((1,)), "max_prob", Fixed(0.5)),
+                      exit_strategy=strategy, max_draft=3, kv_cache_memory=2**22)
+    calls = _replaying(llm)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    if strategy == "speculative":
+        assert [o.token_ids for o in outs] == expected
+    assert any(per_request > 1 for _, _, per_request in calls), calls   # a chunk, not one token each

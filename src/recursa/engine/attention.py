@@ -24,6 +24,8 @@ from recursa import kernels
 from recursa.engine.kv_cache import KVCacheManager
 from recursa.engine.sequence import Sequence
 
+IN_PLACE_CHUNK = 16   # tokens per request up to which a chunk attends through the in-place kernel
+
 
 class PagedBatch:
     """Positions, rope, padding, mask and cache-layer-0 slots for one set of in-flight tokens."""
@@ -43,9 +45,18 @@ class PagedBatch:
             keys = torch.arange(kv_len)[None]                                     # key positions [1, Smax]
         kv_len = keys.shape[-1]
         # decode on the CPU: recursa's kernel reads the cache where it lies (a dense cache's
-        # positions 0..p, or a compact table's first entries: a decode token's own is its last)
-        self.in_place = self.decode and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype)
-        if self.decode:
+        # positions 0..p, or a compact table's first entries: a decode token's own is its last);
+        # also short chunks over a dense cache (speculative verification, parallel decoding's
+        # catch-up, small prefill chunks): each query reads its request's row up to its own position
+        chunk = not self.decode and not self.per_layer and tmax <= IN_PLACE_CHUNK
+        self.in_place = (self.decode or chunk) and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype)
+        self.rows = None                                                          # query -> slot row (chunks)
+        if self.in_place and chunk:
+            self.valid = self.pad_index = self.unpad = mask = None
+            rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(self.sizes))
+            self.new_slots = slots[rows, packed]
+            self.lens, self.rows = (packed + 1).to(device), rows.to(device)
+        elif self.decode:
             self.valid = self.pad_index = self.unpad = None
             qpos = packed[:, None]                                                # [B, 1]
             mask = keys <= qpos                                                   # [B, Smax]
@@ -95,7 +106,7 @@ def attend(batch: PagedBatch, kv: KVCacheManager, offsets: list[int], gqa: bool)
             kernel = kernels.paged_decode_attention_op if torch.compiler.is_compiling() else kernels.paged_decode_attention
             dense_same = same and not batch.per_layer
             out = kernel(q[0].transpose(0, 1), kv.k, kv.v, batch.slots if dense_same else slots,
-                         offsets[0] if dense_same else 0, batch.lens)             # [B, H, hd]
+                         offsets[0] if dense_same else 0, batch.lens, batch.rows)  # [N, H, hd]
             return out.transpose(0, 1)[None]
         keys, values = kv.read(slots)
         mask = batch.mask

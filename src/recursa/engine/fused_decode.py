@@ -1,5 +1,9 @@
 """A decode span in one C call (recursa.kernels' `decode_span`), where every layer of it allows.
 
+"Decode" here is any span whose attention reads the cache in place: one token per request, or a
+short chunk per request (speculative verification, parallel decoding's catch-up, small prefill
+chunks; see engine/attention.py's IN_PLACE_CHUNK).
+
 An eager decode layer is about a dozen kernel calls (norm, q/k/v matmul, rope, KV write,
 attention, o matmul, residual add, norm, gate/up matmul, activation, down matmul, add), each
 wrapped in Python that checks, allocates and dispatches; at 30 layers and 32 tokens that glue was
@@ -8,12 +12,13 @@ guards). `FusedDecode` hands the same kernels the whole span at once: same kerne
 same roundings, so the hidden states and the cache come out with the same bits as the eager layer
 (tests/engine/test_fused_decode.py).
 
-It runs a span when: the tokens are one decode token per request, attending in place
-(`PagedBatch.in_place`): over a dense cache with every request at one depth, or over
-recursion-wise caching's compact tables at any mix of depths; each layer is a plain fused `Block` (no
-LoRA adapters, its own keys/values) whose projections at this many rows take one of the C
-matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX tiles, the packed fp32 GEMM/GEMV). Anything else
-(int4 at <= 4 rows, which torch's kernel serves) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns it off.
+It runs a span when its tokens attend in place (`PagedBatch.in_place`): over a dense cache
+with every request at one depth, or over recursion-wise caching's compact tables at any mix of
+depths; each layer is a plain fused `Block` (no LoRA adapters, its own keys/values) whose
+projections at this many rows take one of the C matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX
+tiles, the packed fp32 GEMM/GEMV). Anything else (int4 at <= 4 rows, which torch's kernel
+serves; bf16 past 32 rows, oneDNN's) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns
+it off.
 """
 from __future__ import annotations
 
@@ -97,7 +102,7 @@ class FusedDecode:
         return self._fn
 
     def run(self, batch, x: torch.Tensor, first: int, offsets: list[list[int]]) -> torch.Tensor | None:
-        """x [1, M, D] after the span's depths first .. first + len(offsets) - 1 (a new tensor), or None
+        """x [1, M, D] (M tokens) after the span's depths first .. first + len(offsets) - 1 (a new tensor), or None
         where it cannot run. offsets[j]: the slot offset of depth first + j's cache layer, one for
         all requests or one per request (requests at different loops of a shared block: fused only
         under recursion-wise caching, whose per-layer tables already hold each request's slots)."""
@@ -116,7 +121,8 @@ class FusedDecode:
             self._functions(), table.data_ptr(), n, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), kv.k.data_ptr(),
             kv.v.data_ptr(), kv.k.shape[0], slots.data_ptr(), slots.shape[-1], new_slots.data_ptr(),
             None if index is None else index.data_ptr(), slot_stride, new_stride, lens.data_ptr(),
-            rows, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.norm_eps, cfg.head_dim ** -0.5,
+            None if batch.rows is None else batch.rows.data_ptr(), rows, cfg.dim, cfg.n_heads, cfg.n_kv_heads,
+            cfg.head_dim, cfg.ffn_dim, cfg.norm_eps, cfg.head_dim ** -0.5,
             int(self.dtype == torch.bfloat16), torch.get_num_threads())
         if status:
             raise RuntimeError(f"decode_span failed at depth {first + status // 10} (status {status % 10})")

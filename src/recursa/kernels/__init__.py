@@ -75,7 +75,7 @@ _LIBRARY.impl("linear_amx", linear_amx, "CPU")
 _LIBRARY.define("linear_amx_int(Tensor x, Tensor wq, Tensor sm, int n, int bits) -> Tensor")
 _LIBRARY.impl("linear_amx_int", linear_amx_int, "CPU")
 _LIBRARY.define("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, int offset, "
-                "Tensor lens) -> Tensor")
+                "Tensor lens, Tensor? rows=None) -> Tensor")
 _LIBRARY.impl("paged_decode_attention", paged_decode_attention, "CPU")
 
 
@@ -100,7 +100,7 @@ def _(x, wq, sm, n, bits):
 
 
 @torch.library.register_fake("recursa::paged_decode_attention")
-def _(q, k_cache, v_cache, slots, offset, lens):
+def _(q, k_cache, v_cache, slots, offset, lens, rows=None):
     return torch.empty_like(q)
 
 

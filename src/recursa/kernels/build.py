@@ -15,13 +15,13 @@ _HERE = Path(__file__).parent
 _P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argument types, return type)}
     "linear_bf16": {"linear_bf16": ([_P] * 3 + [_I64] * 3 + [_I], None)},
-    "paged_attention": {"paged_decode_attention": ([_P] * 4 + [_I64] * 2 + [_P] * 2 + [_I64] * 4
+    "paged_attention": {"paged_decode_attention": ([_P] * 4 + [_I64] * 2 + [_P] * 3 + [_I64] * 4
                                                    + [ctypes.c_float, _I, _I], _I)},
     "norm_act": {"rms_norm": ([_P] * 3 + [_I64] * 2 + [ctypes.c_float, _I, _I], None),
                  "silu_mul": ([_P] * 2 + [_I64] * 2 + [_I, _I], None),
                  "rope_qk": ([_P] * 4 + [_I64] * 4 + [_I, _I], None),
                  "kv_write": ([_P, _P, _I64, _P, _P, _P] + [_I64] * 8, _I)},
-    "decode_span": {"decode_span": ([_P] * 8 + [_I64, _P, _I64, _P, _P, _I64, _I64, _P] + [_I64] * 6
+    "decode_span": {"decode_span": ([_P] * 8 + [_I64, _P, _I64, _P, _P, _I64, _I64, _P, _P] + [_I64] * 6
                                     + [ctypes.c_float] * 2 + [_I, _I], _I)},
     "row_max": {"row_max": ([_P] * 3 + [_I64] * 2 + [_I, _I], None)},
     "linear_f32": {"linear_f32": ([_P] * 3 + [_I64] * 3 + [_I], None)},

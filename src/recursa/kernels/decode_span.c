@@ -13,7 +13,8 @@
    recursa already loaded, so nothing is compiled twice. layers [L, LAYER_WORDS] int64 per depth:
    attention-norm and MLP-norm weights, the depth's slot offset, then four projections (q/k/v, o,
    gate/up, down) of PROJ_WORDS each: kind, weight, scales (int kinds), output size, bits.
-   x [M, D] (M requests, one token each) is updated in place (D % 16 == 0); cos/sin [M, hd]; lens [M].
+   x [M, D] (M tokens: one per request at decode, or a few per request: rows[t] is token t's request,
+   NULL for one each) is updated in place (D % 16 == 0); cos/sin [M, hd]; lens [M]: positions each sees.
    Slots, two ways: table_index NULL: slots [M, smax] and new_slots [M] at cache layer 0, plus each
    depth's slot offset (a dense cache, every request at the same depth); else layer l reads the
    tables slots + table_index[l] * slot_stride ([M, smax]) and new_slots + table_index[l] * new_stride
@@ -31,7 +32,8 @@ typedef void (*rope_qk_t)(const void *, const void *, const void *, void *, int6
 typedef int (*kv_write_t)(void *, void *, int64_t, const int64_t *, const void *, const void *, int64_t, int64_t,
                           int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 typedef int (*attention_t)(const void *, const void *, const void *, const int64_t *, int64_t, int64_t,
-                           const int64_t *, void *, int64_t, int64_t, int64_t, int64_t, float, int, int);
+                           const int64_t *, const int64_t *, void *, int64_t, int64_t, int64_t, int64_t, float, int,
+                           int);
 typedef void (*linear_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int);
 typedef void (*linear_int_t)(const void *, const void *, const void *, void *, int64_t, int64_t, int64_t, int, int);
 
@@ -65,7 +67,7 @@ static void add_into(void *x, const void *y, int64_t n, int bf16) {
 int recursa_decode_span(void *const *fn, const int64_t *layers, int64_t L, void *x, const void *cos, const void *sin,
                         void *k_cache, void *v_cache, int64_t num_slots, const int64_t *slots, int64_t smax,
                         const int64_t *new_slots, const int64_t *table_index, int64_t slot_stride, int64_t new_stride,
-                        const int64_t *lens, int64_t M, int64_t D, int64_t H, int64_t Hkv,
+                        const int64_t *lens, const int64_t *rows, int64_t M, int64_t D, int64_t H, int64_t Hkv,
                         int64_t hd, int64_t F, float eps, float scale, int bf16, int threads) {
     const int64_t e = bf16 ? 2 : 4, Nqkv = (H + 2 * Hkv) * hd, Hq = H * hd;
     /* scratch: h [M, D], qkv [M, Nqkv], qk [H + Hkv, M, hd], q [M, H, hd], attn [M, Hq], o [M, D],
@@ -96,7 +98,7 @@ int recursa_decode_span(void *const *fn, const int64_t *layers, int64_t L, void 
         for (int64_t t = 0; t < M; ++t)   /* queries [H, M, hd] -> [M, H, hd] */
             for (int64_t i = 0; i < H; ++i)
                 memcpy((char *)q + (t * H + i) * hd * e, (char *)qk + (i * M + t) * hd * e, hd * e);
-        const int s = ((attention_t)fn[ATTENTION])(q, k_cache, v_cache, sl, smax, offset, lens, attn, M, H, Hkv, hd,
+        const int s = ((attention_t)fn[ATTENTION])(q, k_cache, v_cache, sl, smax, offset, lens, rows, attn, M, H, Hkv, hd,
                                                    scale, bf16, threads);
         if (s) { status = 10 * l + 2; break; }
         project(fn, lw + 3 + PROJ_WORDS, attn, o, M, Hq, threads);

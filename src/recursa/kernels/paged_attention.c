@@ -6,8 +6,10 @@
 /* Decode attention over a paged KV cache, read in place: one query token per request.
 
    q, out [B, H, D]; k_cache, v_cache [slots, Hkv, D] (fp32, or bf16 when bf16 != 0);
-   slots [B, smax]: the cache slot of each request's position p (plus `offset`, the depth's cache
-   layer); request b attends to its positions 0 .. lens[b] - 1. Scores, softmax and the weighted
+   slots [R, smax]: the cache slot of each request's position p (plus `offset`, the depth's cache
+   layer); query b reads row rows[b] of it (rows NULL: row b, one query per request) and attends to
+   that request's positions 0 .. lens[b] - 1 (several queries of one request: a short chunk, each
+   query seeing the positions up to its own, written before the call). Scores, softmax and the weighted
    sum run in fp32; D % 16 == 0, D <= 256, H % Hkv == 0 and H / Hkv <= 16. One task per
    (request, kv head): the group's query heads share each key/value row read. */
 
@@ -215,7 +217,8 @@ static void attend_request_bf16(const uint16_t *q, const uint16_t *kc, const uin
 }
 
 int recursa_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *slots,
-                                   int64_t smax, int64_t offset, const int64_t *lens, void *out, int64_t B, int64_t H,
+                                   int64_t smax, int64_t offset, const int64_t *lens, const int64_t *rows, void *out,
+                                   int64_t B, int64_t H,
                                    int64_t Hkv, int64_t D, float scale, int bf16, int threads) {
     if (D % 16 || D / 16 > MAXV || H % Hkv || H / Hkv > MAXG) return 1;
     int failed = 0;
@@ -229,7 +232,7 @@ int recursa_paged_decode_attention(const void *q, const void *k_cache, const voi
             const size_t n16 = (size_t)((n + 15) & ~(int64_t)15);
             float *sc = aligned_alloc(64, sizeof(float) * (size_t)(H / Hkv) * (n16 > 0 ? n16 : 16));
             if (!sc) { failed = 1; continue; }
-            attend_request_bf16(q, k_cache, v_cache, slots + b * smax, offset, n, out, b, g0, g0 + per, H, Hkv, D,
+            attend_request_bf16(q, k_cache, v_cache, slots + (rows ? rows[b] : b) * smax, offset, n, out, b, g0, g0 + per, H, Hkv, D,
                                 scale, sc);
             free(sc);
         }
@@ -242,9 +245,9 @@ int recursa_paged_decode_attention(const void *q, const void *k_cache, const voi
         float *sc = aligned_alloc(64, sizeof(float) * (size_t)(H / Hkv) * (n16 > 0 ? n16 : 16));
         if (!sc) { failed = 1; continue; }
         if (bf16)
-            attend_group(q, k_cache, v_cache, slots + b * smax, offset, n, out, b, g, H, Hkv, D, scale, 1, sc);
+            attend_group(q, k_cache, v_cache, slots + (rows ? rows[b] : b) * smax, offset, n, out, b, g, H, Hkv, D, scale, 1, sc);
         else
-            attend_group(q, k_cache, v_cache, slots + b * smax, offset, n, out, b, g, H, Hkv, D, scale, 0, sc);
+            attend_group(q, k_cache, v_cache, slots + (rows ? rows[b] : b) * smax, offset, n, out, b, g, H, Hkv, D, scale, 0, sc);
         free(sc);
     }
     return failed ? 2 : 0;

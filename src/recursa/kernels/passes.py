@@ -99,18 +99,21 @@ def supports_attention(n_heads: int, k_cache: torch.Tensor, dtype: torch.dtype) 
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                           offset: int, lens: torch.Tensor) -> torch.Tensor:
-    """softmax(q K^T / sqrt(hd)) V for one query per request over its cached positions, read in place.
+                           offset: int, lens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q K^T / sqrt(hd)) V for each query over its request's cached positions, read in place.
 
-    q [B, H, hd]; k_cache, v_cache [slots, Hkv, hd] (q's dtype); slots [B, Smax] int64: the slot of
-    each position at cache layer 0, `offset` added for the depth's layer; lens [B] int64: request b
-    sees positions 0 .. lens[b] - 1. Returns [B, H, hd]. The caller checked `supports_attention`."""
+    q [B, H, hd]; k_cache, v_cache [slots, Hkv, hd] (q's dtype); slots [R, Smax] int64: the slot of
+    each position at cache layer 0, `offset` added for the depth's layer; lens [B] int64: query b
+    sees positions 0 .. lens[b] - 1 of slot row rows[b] (rows None: row b, one query per request;
+    several queries of a request: a short chunk whose keys were written first). Returns [B, H, hd].
+    The caller checked `supports_attention`."""
     build._load()
     q = q.contiguous()
     out = torch.empty_like(q)
     B, H, hd = q.shape
     status = build._state["paged_decode_attention"](q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-                                       slots.shape[1], offset, lens.data_ptr(), out.data_ptr(), B, H,
+                                       slots.shape[1], offset, lens.data_ptr(),
+                                       None if rows is None else rows.data_ptr(), out.data_ptr(), B, H,
                                        k_cache.shape[1], hd, hd ** -0.5, int(q.dtype == torch.bfloat16),
                                        torch.get_num_threads())
     if status:
