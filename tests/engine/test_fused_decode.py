@@ -76,6 +76,11 @@ def test_mor_spans_fuse_with_the_eager_bits(name):
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert all(len(o.token_ids) == 12 for o in outs)
     assert any(layers > 1 for _, layers, _ in calls), calls   # a whole recursion step in one call
+    # prefill in chunks of <= 16 tokens: a chunk's queries read their compact tables' prefixes in place
+    llm = recursa.LLM(model, kv_cache_memory=2**22, max_num_seqs=8, max_num_batched_tokens=16)
+    calls = _replaying(llm)
+    llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert any(per_request > 1 for _, _, per_request in calls), calls
 
 
 def test_fused_outputs_equal_the_unfused_engine(monkeypatch):

@@ -44,24 +44,23 @@ class PagedBatch:
             slots = kv.slots([s.block_table for s in seqs], kv_len)              # [B, Smax] host
             keys = torch.arange(kv_len)[None]                                     # key positions [1, Smax]
         kv_len = keys.shape[-1]
-        # decode on the CPU: recursa's kernel reads the cache where it lies (a dense cache's
-        # positions 0..p, or a compact table's first entries: a decode token's own is its last);
-        # also short chunks over a dense cache (speculative verification, parallel decoding's
-        # catch-up, small prefill chunks): each query reads its request's row up to its own position
-        chunk = not self.decode and not self.per_layer and tmax <= IN_PLACE_CHUNK
-        self.in_place = (self.decode or chunk) and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype)
-        self.rows = None                                                          # query -> slot row (chunks)
-        if self.in_place and chunk:
+        # on the CPU recursa's kernel reads the cache where it lies, for decode tokens and for short
+        # chunks (speculative verification, parallel decoding's catch-up, small prefill chunks):
+        # each query reads its request's row up to the keys it sees (see _prefix_lens)
+        want = (self.decode or tmax <= IN_PLACE_CHUNK) and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype)
+        rows = None if self.decode else torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(self.sizes))
+        lens = self._prefix_lens(keys, packed, rows) if want else None
+        self.in_place = lens is not None
+        self.rows = rows.to(device) if self.in_place and rows is not None else None   # query -> slot row
+        if self.in_place:
             self.valid = self.pad_index = self.unpad = mask = None
-            rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(self.sizes))
-            self.new_slots = slots[rows, packed]
-            self.lens, self.rows = (packed + 1).to(device), rows.to(device)
+            self.lens = lens.to(device)
+            if not self.per_layer:
+                self.new_slots = slots[rows, packed] if rows is not None else slots.gather(1, packed[:, None])[:, 0]
         elif self.decode:
             self.valid = self.pad_index = self.unpad = None
             qpos = packed[:, None]                                                # [B, 1]
             mask = keys <= qpos                                                   # [B, Smax]
-            lens = mask.sum(-1) if self.per_layer else packed + 1                # keys per request
-            self.lens = lens.to(device) if self.in_place else None
             if not self.per_layer:
                 self.new_slots = slots.gather(1, qpos)[:, 0]
         else:
@@ -82,6 +81,19 @@ class PagedBatch:
         self.cos, self.sin = cos[:, None], sin[:, None]                           # [1, 1, N, hd]: every layer's shape
         self.slots, self.new_slots = slots.to(device), self.new_slots.to(device)
         self.device = device
+
+    def _prefix_lens(self, keys: torch.Tensor, packed: torch.Tensor, rows: torch.Tensor | None):
+        """How many keys each query sees (positions <= its own), or None where for some query those
+        are not the first entries of its row (the in-place kernel reads a prefix). A dense row holds
+        position p at index p; a compact table holds the entries of the tokens that ran its step, in
+        position order, so a query's keys are its table's first entries, up to its own."""
+        if not self.per_layer:
+            return packed + 1
+        row_keys = keys if rows is None else keys[rows]                           # [N, W]
+        visible = row_keys <= packed[:, None]
+        lens = visible.sum(-1)
+        prefix = torch.equal(visible, torch.arange(keys.shape[-1])[None] < lens[:, None])
+        return lens if prefix else None
 
     def shifted(self, offsets: list[int]):
         """(slots [B, Smax], new slots [N]) at the cache layers `offsets` (one slot offset per request)."""

@@ -18,9 +18,8 @@ request finishes, is aborted or preempted):
   depth the newest decode token's exit logits give a confidence; above the threshold the token
   is emitted from there (synchronized parallel decoding, FREE): its in-flight hidden states wait
   on `ExitState.stack` at that depth, and the next token of the request that reaches that depth
-  takes them along, in one causal run, so every deeper KV entry is written exactly. Prefill
-  chunks run full depth. Each full-depth pass labels every exit the token passed
-  (ExitPolicy.observe, FREE's online calibration, per exit).
+  takes them along, in one causal run, so every deeper KV entry is written exactly. Prefill chunks
+  run full depth; each full-depth pass labels every exit it passed (ExitPolicy.observe, FREE's).
 
 All of it works on whole tensors per request or per group of requests; no per-token loops.
 """
@@ -137,9 +136,11 @@ class MoRRouting(Router):
             if rem == 0 and 1 <= r <= self.n_steps and self._of(s).h_entry is not None:
                 ends.setdefault(r, []).append(s)
         for r, group in sorted(ends.items()):
-            for s in group:   # step r-1 ends: gate its residual branch
-                st = self._of(s)
-                s.hidden = self.model.mor_update(st.h_start, s.hidden, st.gate)
+            states = [self._of(s) for s in group]   # step r-1 ends: gate its residual branch, the
+            updated = self.model.mor_update(*(torch.cat(t) for t in zip(*[(st.h_start, s.hidden, st.gate) for s, st
+                                            in zip(group, states)]))).split([s.n_in_flight for s in group])
+            for s, st, h in zip(group, states, updated):   # group's tokens in one (elementwise) update
+                s.hidden = h
                 st.route_log.append((s.positions, r))
                 if int(s.positions[-1]) == s.chunk_end - 1:
                     st.newest_steps = r
