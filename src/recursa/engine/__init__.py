@@ -9,9 +9,11 @@ The data path of a request, in reading order:
     scheduler.py        waiting/running queues, token and KV budgets, chunked prefill, preemption
     policy.py           which span group runs next: depth-wise continuous, fullest, or synchronous
     model_runner.py     embeds chunks, runs a span of depths on a packed batch, runs LM heads
+    fused_decode.py     a decode span (or short chunks) in one C call, where its layers allow
     attention.py        per-request attention over the paged cache: batch metadata once per span
     kv_cache.py         the KV memory manager: blocks, byte budget, writes and reads, KV bytes per token
-    depth_router.py     per family, where tokens go at span boundaries (full depth, MoR, early exit)
+    depth_router.py     per family, where tokens go at span boundaries (full depth, early exit)
+    mor_router.py       ... for Mixture-of-Recursions (per-token recursion depth, parked tokens)
     sampling.py         logits -> tokens, batched, per-row settings and seeds
     output_processor.py stop checks, incremental detokenization, streaming deltas
     config.py, sampling_params.py, outputs.py   the data types (EngineConfig, SamplingParams, RequestOutput)

@@ -28,7 +28,9 @@ from functools import partial
 import torch
 
 from recursa.engine.config import EngineConfig
-from recursa.engine.depth_router import EarlyExit, make_router
+from recursa.engine.depth_router import EarlyExit, Router
+from recursa.engine.exit_policy import ExitPolicy
+from recursa.engine.mor_router import MoRRouting
 from recursa.engine.kv_cache import KVCacheManager
 from recursa.engine.model_runner import ModelRunner
 from recursa.engine.output_processor import OutputProcessor
@@ -57,6 +59,18 @@ def span_boundaries(model: Decoder, router_boundaries: set[int]) -> list[int]:
         loops = {st.shared[0] + r * k for r in range(st.n_loops + 1)}
     return sorted({0, model.depth} | router_boundaries | loops)
 
+
+
+def make_router(model, runner: ModelRunner, exit_policy: ExitPolicy | None = None, exit_router=None) -> Router:
+    """The router for `model`'s family (an exit policy turns on early exit; `exit_router(model, runner,
+    policy)` builds its strategy's router, default EarlyExit: parallel decoding)."""
+    if model.cfg.is_mor and exit_policy is not None:
+        raise RecursaError("a Mixture-of-Recursions model chooses depth with its router; it takes no exit policy")
+    if model.cfg.is_mor:
+        return MoRRouting(model, runner)
+    if exit_policy is not None:
+        return (exit_router or EarlyExit)(model, runner, exit_policy)
+    return Router(model, runner)
 
 class LLMEngine:
     def __init__(self, model: Decoder, tokenizer=None, config: EngineConfig | None = None, exit_policy=None):

@@ -1,0 +1,129 @@
+"""Where a Mixture-of-Recursions model's in-flight tokens go at span boundaries (recursa.model.mor).
+
+The router of depth_router.py's family for MoR models. At the start of each recursion step it
+decides per token (`model.mor_route`, causal: a token's own hidden state only) whether the token
+runs the step; at the step's end its residual update is gated (`model.mor_update`). Tokens that
+stop wait (`MoRState.parked`) at the end of the shared block; the rest of their chunk joins them
+there and they all run the coda and head together, so causal order holds everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from recursa.engine.depth_router import Router
+from recursa.engine.model_runner import ModelRunner
+from recursa.engine.sequence import Sequence
+
+
+@dataclass
+class MoRState:
+    h_entry: torch.Tensor | None = None     # in-flight tokens' hidden state at the shared block's entry
+    h_start: torch.Tensor | None = None     # ... at the start of the current recursion step
+    gate: torch.Tensor | None = None        # ... their gates for this step
+    parked: list = field(default_factory=list)       # (positions, hidden) of tokens that stopped early
+    route_log: list = field(default_factory=list)    # (positions, steps run): see `steps_run`
+    newest_steps: int = 0                   # recursion steps of the newest token
+
+
+class MoRRouting(Router):
+    """Per-token recursion depth chosen causally by the model's router."""
+    State = MoRState
+
+    def __init__(self, model, runner: ModelRunner):
+        super().__init__(model, runner)
+        st = model.structure()
+        self.k, self.n_steps = len(st.shared_layers), st.n_loops
+        self.entry, self.end = st.shared[0], st.shared[-1] + 1
+        self.outside = len(st.prelude) + len(st.coda)
+
+    def boundaries(self):
+        return {self.depth} | {self.entry + r * self.k for r in range(self.n_steps + 1)}
+
+    def executed_depth(self, seq):
+        return self.outside + self.k * self._of(seq).newest_steps
+
+    def steps_run(self, seq: Sequence) -> dict[int, int]:
+        """Recursion steps each position of seq ran, from its routing log."""
+        out: dict[int, int] = {}
+        for positions, r in self._of(seq).route_log:
+            out.update(dict.fromkeys(positions.tolist(), r))
+        return out
+
+    def enter(self, seqs):
+        if self.entry == 0:
+            self._route(seqs, 0, entering=True)
+
+    def arrive(self, seqs):
+        at_entry = [s for s in seqs if s.depth == self.entry and self._of(s).h_entry is None]
+        if at_entry and self.entry > 0:
+            self._route(at_entry, 0, entering=True)
+        ends: dict[int, list[Sequence]] = {}
+        for s in seqs:
+            r, rem = divmod(s.depth - self.entry, self.k)
+            if rem == 0 and 1 <= r <= self.n_steps and self._of(s).h_entry is not None:
+                ends.setdefault(r, []).append(s)
+        for r, group in sorted(ends.items()):
+            states = [self._of(s) for s in group]   # step r-1 ends: gate its residual branch, the
+            updated = self.model.mor_update(*(torch.cat(t) for t in zip(*[(st.h_start, s.hidden, st.gate) for s, st
+                                            in zip(group, states)]))).split([s.n_in_flight for s in group])
+            for s, st, h in zip(group, states, updated):   # group's tokens in one (elementwise) update
+                s.hidden = h
+                st.route_log.append((s.positions, r))
+                if int(s.positions[-1]) == s.chunk_end - 1:
+                    st.newest_steps = r
+            if r < self.n_steps:
+                self._route(group, r)
+            else:
+                for s in group:
+                    self._leave_block(s, active=True)
+        return self._finish([s for s in seqs if s.depth == self.depth])
+
+    def _route(self, seqs: list[Sequence], step: int, entering: bool = False) -> None:
+        h = torch.cat([s.hidden for s in seqs])
+        h_entry = h if entering else torch.cat([self._of(s).h_entry for s in seqs])
+        with torch.inference_mode():
+            go, gate = self.model.mor_route(step, h, h_entry)
+        sizes = [s.n_in_flight for s in seqs]
+        go_host = go.cpu()          # positions live on the host, hidden states on the model's device
+        everyone = bool(go_host.all())   # the common case (always at step 0): one check, not one per request
+        if len(sizes) == len(go_host):   # one token each (decode): a request goes on or stops whole
+            for s, keep, w, he in zip(seqs, go_host.tolist(), gate.split(sizes), h_entry.split(sizes)):
+                st = self._of(s)
+                if keep:
+                    st.h_entry, st.h_start, st.gate = he, s.hidden, w
+                else:
+                    st.parked.append((s.positions, s.hidden))
+                    s.depth = self.end
+                    self._leave_block(s, active=False)
+            return
+        for s, g, gh, w, he in zip(seqs, go.split(sizes), go_host.split(sizes), gate.split(sizes), h_entry.split(sizes)):
+            st = self._of(s)
+            if everyone or bool(gh.all()):
+                st.h_entry, st.h_start, st.gate = he, s.hidden, w
+                continue
+            st.parked.append((s.positions[~gh], s.hidden[~g]))
+            if not bool(gh.any()):      # nothing left to recur: the chunk jumps to the block's end
+                s.depth = self.end
+                self._leave_block(s, active=False)
+                continue
+            s.set_tokens(s.positions[gh], s.hidden[g])
+            st.h_entry, st.h_start, st.gate = he[g], s.hidden, w[g]
+
+    def _leave_block(self, s: Sequence, active: bool) -> None:
+        """The whole chunk is at the shared block's end: parked and active tokens rejoin in position order."""
+        st = self._of(s)
+        parts = st.parked + ([(s.positions, s.hidden)] if active else [])
+        if len(parts) > 1:
+            positions = torch.cat([p for p, _ in parts])
+            order = positions.argsort()
+            hidden = torch.cat([h for _, h in parts])
+            s.set_tokens(positions[order], hidden[order.to(hidden.device)])
+        else:
+            s.set_tokens(*parts[0])
+        st.parked = []
+        st.h_entry = st.h_start = st.gate = None
+
+
+__all__ = ["MoRRouting", "MoRState"]
