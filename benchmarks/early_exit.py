@@ -195,9 +195,12 @@ def main() -> None:
     from recursa.engine.llm import LLM
     from recursa.engine.sampling_params import SamplingParams
     from recursa.model import load
+    from recursa.model.quant import prepare
     from recursa.model.exits import ExitSpec
 
-    model = load(args.model).eval()
+    # prepared for inference as an LLM given a directory prepares it (fused projections, the CPU
+    # kernels' matmuls), once: every LLM below shares it
+    model = prepare(load(args.model).eval())
     spec = ExitSpec.from_config(model.cfg)
     if not spec.depths:
         raise SystemExit(f"{args.model} has no exits (config exit_depths is empty)")

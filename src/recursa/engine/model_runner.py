@@ -45,6 +45,7 @@ class ModelRunner:
         self.gqa = model.cfg.n_kv_heads != model.cfg.n_heads
         self.offset = [kv.offset(model.kv_source(d)) for d in range(model.depth)]   # depth -> slot offset
         self.num_span_runs = 0
+        self._last_batch = None        # (key, PagedBatch) of the last span run, see _batch
         self.num_stage_runs = 0        # stage (layer) runs: a span of n depths counts n
         self.num_stage_tokens = 0      # token-layer forwards
         self.num_head_tokens = 0
@@ -59,7 +60,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run_span(self, seqs: list[Sequence]) -> None:
         """Run the span every request in `seqs` waits at, advancing each to the next boundary."""
-        batch = PagedBatch(self.model, self.kv, seqs, self.device, self.dtype)
+        batch = self._batch(seqs)
         x = torch.cat([s.hidden for s in seqs])[None] if len(seqs) > 1 else seqs[0].hidden[None]
         starts = [s.depth for s in seqs]
         n = self.span_len[starts[0]]
@@ -73,6 +74,20 @@ class ModelRunner:
         self.num_span_runs += 1
         self.num_stage_runs += n
         self.num_stage_tokens += n * batch.num_tokens
+
+    def _batch(self, seqs: list[Sequence]) -> PagedBatch:
+        """The span's attention metadata, reused when the previous span ran the same tokens over the
+        same block tables (a token passing an exit it does not take, into the next span): the same
+        positions tensors (held by the key, so none is freed and its id reused) and KV version. Not
+        under recursion-wise caching, whose span view places entries as it goes."""
+        key = (self.kv.version, [s.positions for s in seqs])
+        last = self._last_batch
+        if (last is not None and not self.kv.compact and last[0][0] == key[0] and len(last[0][1]) == len(seqs)
+                and all(a is b for a, b in zip(last[0][1], key[1]))):
+            return last[1]
+        batch = PagedBatch(self.model, self.kv, seqs, self.device, self.dtype)
+        self._last_batch = (key, batch)
+        return batch
 
     @torch.inference_mode()
     def run_head(self, hidden: torch.Tensor, depth: int | None = None, heads=None) -> torch.Tensor:
