@@ -27,6 +27,9 @@ PRESETS.update({
     "mor-tiny-share": {**PRESETS["tiny"], **_MOR, "n_layers": 8, "mor_kv": "share"},
     "mor-small": {**PRESETS["small"], **_MOR, "n_layers": 8},
     "mor-small-token": {**PRESETS["small"], **_MOR, "n_layers": 8, "mor_router": "token"},
+    # a Recursive Transformer of `small`'s width: 2 layers looped 3 times (train with --loop-exit-weight
+    # for exits at the loop ends)
+    "rec-small": {**PRESETS["small"], "sharing": "cycle", "n_loops": 3},
     "mor-135m": {**PRESETS["135m"], **_MOR, "n_layers": 29},
     "mor-360m": {**PRESETS["360m"], **_MOR, "n_layers": 32},
     "mor-360m-2": {**PRESETS["360m"], **_MOR, "n_layers": 32, "n_loops": 2},

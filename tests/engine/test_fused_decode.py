@@ -5,12 +5,16 @@ hidden states and every key/value the span wrote must have the same bits, in bf1
 int4 weights, for requests of different lengths decoding side by side. Where a layer cannot be
 fused (int4 at <= 4 rows, LoRA-relaxed depths) the eager path runs instead.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import recursa
 from recursa import SamplingParams, kernels
+from recursa.engine.attention import PagedBatch
 from recursa.engine.exit_policy import ExitPolicy
+from recursa.engine.recursion_kv import EMPTY
 from recursa.engine.thresholds import Fixed
 from recursa.model import Decoder
 from recursa.model.exits import ExitSpec
@@ -19,6 +23,8 @@ from reference import full_forward_generate
 from tiny_models import agreeing_exit_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels: {kernels.unavailable_reason()}")
+# bf16 past 4 rows and int8/int4 fuse through the AMX tile matmuls only (elsewhere oneDNN / torch's kernels serve)
+needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX tiles on this CPU (or RECURSA_AMX=0)")
 
 PROMPTS = [[5, 17, 99], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300] * 40, [7, 8],
            list(range(100, 133))]
@@ -49,8 +55,9 @@ def _replaying(llm):
     return calls
 
 
-@pytest.mark.parametrize("dtype, quantization", [("bfloat16", None), ("float32", None), ("bfloat16", "int8"),
-                                                 ("bfloat16", "int4")])
+@pytest.mark.parametrize("dtype, quantization", [pytest.param("bfloat16", None, marks=needs_amx), ("float32", None),
+                                                 pytest.param("bfloat16", "int8", marks=needs_amx),
+                                                 pytest.param("bfloat16", "int4", marks=needs_amx)])
 def test_fused_spans_have_the_eager_bits(dtype, quantization):
     torch.manual_seed(0)
     model = Decoder(preset("tiny")).eval()
@@ -83,6 +90,37 @@ def test_mor_spans_fuse_with_the_eager_bits(name):
     assert any(per_request > 1 for _, _, per_request in calls), calls
 
 
+def test_bf16_gemv_spans_fuse_with_the_eager_bits():
+    """bf16 without the AMX copies (a CPU without AMX): up to 4 rows take the AVX512-BF16 GEMV, fused
+    and eager alike; more rows go to oneDNN, which only the eager layers call."""
+    torch.manual_seed(4)
+    model = Decoder(preset("tiny")).eval()
+    llm = recursa.LLM(model, dtype="bfloat16", kv_cache_memory=2**22, max_num_seqs=8)
+    for module in model.modules():
+        if getattr(module, "amx_packed", None) is not None:
+            module.amx_packed = None
+    calls = _replaying(llm)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert all(len(o.token_ids) == 6 for o in outs)
+    assert not calls                                           # 5 requests: more rows than the GEMV takes
+    llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert calls and max(c[0] for c in calls) == 3
+
+
+def test_prefix_lens_refuses_a_visible_set_that_is_not_a_prefix():
+    """The in-place kernel reads a row's first entries; a compact table whose visible entries have a
+    gap (or are out of position order) must fall back to the masked path."""
+    batch = SimpleNamespace(per_layer=True)
+    keys = torch.tensor([[0, 3, 5, EMPTY], [1, 2, 9, 4]])
+    assert torch.equal(PagedBatch._prefix_lens(batch, keys, torch.tensor([5, 2]), None), torch.tensor([3, 2]))
+    assert PagedBatch._prefix_lens(batch, keys, torch.tensor([5, 4]), None) is None        # row 1: 1, 2, 4 seen, 9 not
+    chunk = PagedBatch._prefix_lens(batch, keys, torch.tensor([0, 3, 1]), torch.tensor([0, 0, 1]))
+    assert torch.equal(chunk, torch.tensor([1, 2, 1]))
+    assert torch.equal(PagedBatch._prefix_lens(SimpleNamespace(per_layer=False), keys, torch.tensor([6]), None),
+                       torch.tensor([7]))                       # a dense row holds position p at index p
+
+
+@needs_amx
 def test_fused_outputs_equal_the_unfused_engine(monkeypatch):
     """End to end: the same tokens with the fused path off (RECURSA_FUSED_DECODE=0)."""
     torch.manual_seed(1)

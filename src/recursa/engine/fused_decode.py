@@ -67,6 +67,8 @@ class FusedDecode:
                         and dtype in (torch.bfloat16, torch.float32) and kernels.available()
                         and cfg.dim % 16 == 0 and cfg.head_dim % 32 == 0 and cfg.ffn_dim % 16 == 0
                         and kernels.supports_attention(cfg.n_heads, kv.k, dtype))
+        # tables of raw weight pointers, built lazily: the engine never changes its model's weights
+        # after preparing it; the tensors they point to stay referenced (the model holds them)
         self._plans: dict[tuple[int, int, int], torch.Tensor | None] = {}
         self._fn = None
 
@@ -124,8 +126,13 @@ class FusedDecode:
             None if batch.rows is None else batch.rows.data_ptr(), rows, cfg.dim, cfg.n_heads, cfg.n_kv_heads,
             cfg.head_dim, cfg.ffn_dim, cfg.norm_eps, cfg.head_dim ** -0.5,
             int(self.dtype == torch.bfloat16), torch.get_num_threads())
+        if status < 0:
+            raise MemoryError("decode_span: no memory for its scratch buffers")
         if status:
-            raise RuntimeError(f"decode_span failed at depth {first + status // 10} (status {status % 10})")
+            depth = first + status // 10
+            if status % 10 == 1:   # as kv_write raises on the eager path
+                raise IndexError(f"decode_span: a cache slot is out of range at depth {depth}")
+            raise RuntimeError(f"decode_span: attention failed at depth {depth}")
         kv.entries_written += n * rows
         return x
 

@@ -31,8 +31,9 @@ five to eight PyTorch ops each of them takes in bf16).
 `row_max(logits)`: greedy decoding's maximum and its index per row (torch.max over a 49k
 vocabulary costs ~60 us a row on this CPU).
 
-`paged_decode_attention(q, k_cache, v_cache, slots, offset, lens)`: attention of one query per
-request over its paged cache, reading keys/values where they lie (fp32 or bf16; bf16 scores by
+`paged_decode_attention(q, k_cache, v_cache, slots, offset, lens, rows=None)`: attention of each
+query over its request's paged cache (one query per request, or a short chunk's: `rows` maps
+queries to slot rows), reading keys/values where they lie (fp32 or bf16; bf16 scores by
 AVX512-BF16 dot products, one task per request once there are enough): no gathered copy of the
 context, no padding mask, one call per depth instead of a gather, a mask and SDPA.
 

@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A span of Llama layers for one decode token per request, in one call: the same kernels the
+/* A span of Llama layers for decode tokens (or short chunks), in one call: the same kernels the
    eager layer calls (rms_norm, the q/k/v matmul, rope_qk, kv_write, paged decode attention, the
    o matmul, residual add, rms_norm, the gate/up matmul, silu_mul, the down matmul, residual add),
    in the same order on the same buffers, so the result has the same bits; what goes is the Python
@@ -19,7 +19,8 @@
    depth's slot offset (a dense cache, every request at the same depth); else layer l reads the
    tables slots + table_index[l] * slot_stride ([M, smax]) and new_slots + table_index[l] * new_stride
    ([M]) as they are (recursion-wise caching's per-layer tables).
-   Returns 0, or 10 * layer + 1 (a slot out of range) or + 2 (attention failed). */
+   Returns 0, -1 (no memory for the scratch buffers), or 10 * layer + 1 (a slot out of range: that
+   layer writes nothing, earlier ones have) or + 2 (attention failed). */
 
 enum K { RMS_NORM, SILU_MUL, ROPE_QK, KV_WRITE, ATTENTION, LINEAR_AMX, LINEAR_AMX_INT, LINEAR_F32, LINEAR_BF16, NK };
 enum { PROJ_AMX = 1, PROJ_AMX_INT = 2, PROJ_F32 = 3, PROJ_BF16 = 4 };
@@ -75,8 +76,8 @@ int recursa_decode_span(void *const *fn, const int64_t *layers, int64_t L, void 
     const int64_t sizes[8] = {M * D, M * Nqkv, (H + Hkv) * M * hd, M * Hq, M * Hq, M * D, 2 * M * F, M * F};
     int64_t total = 0, at[8];
     for (int i = 0; i < 8; ++i) { at[i] = total; total += (sizes[i] * e + 63) & ~(int64_t)63; }
-    char *scratch = aligned_alloc(64, (size_t)total + 64 + (size_t)M * 8);
-    if (!scratch) return 1;
+    char *scratch = aligned_alloc(64, (size_t)(total + 64 + ((M * 8 + 63) & ~(int64_t)63)));
+    if (!scratch) return -1;
     void *h = scratch + at[0], *qkv = scratch + at[1], *qk = scratch + at[2], *q = scratch + at[3];
     void *attn = scratch + at[4], *o = scratch + at[5], *gu = scratch + at[6], *act = scratch + at[7];
     int64_t *shifted = (int64_t *)(scratch + total + 64);
