@@ -16,8 +16,8 @@ It runs a span when its tokens attend in place (`PagedBatch.in_place`): over a d
 with every request at one depth, or over recursion-wise caching's compact tables at any mix of
 depths; each layer is a plain fused `Block` (no LoRA adapters, its own keys/values) whose
 projections at this many rows take one of the C matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX
-tiles, the packed fp32 GEMM/GEMV). Anything else (int4 at <= 4 rows, which torch's kernel
-serves; bf16 past 32 rows, oneDNN's) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns
+tiles, the int4 GEMV, the packed fp32 GEMM/GEMV). Anything else (bf16 past 32 rows, which
+oneDNN serves) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns
 it off.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ from recursa.model.layers import Block
 from recursa.model.quant_linear import Int4Linear, Int8Linear
 
 _FUNCTIONS = ("rms_norm", "silu_mul", "rope_qk", "kv_write", "paged_decode_attention", "linear_amx", "linear_amx_int",
-              "linear_f32", "linear_bf16")   # the order of decode_span.c's enum K
-_AMX, _AMX_INT, _F32, _BF16 = 1, 2, 3, 4
+              "linear_f32", "linear_bf16", "linear_int4")   # the order of decode_span.c's enum K
+_AMX, _AMX_INT, _F32, _BF16, _INT4 = 1, 2, 3, 4, 5
 _LAYER_WORDS = 24
 
 
@@ -49,9 +49,9 @@ def _projection(proj, rows: int, dtype: torch.dtype) -> list[int] | None:
         if dtype == torch.bfloat16 and rows <= kernels.MAX_ROWS and kernels.supports(proj.weight):
             return [_BF16, proj.weight.data_ptr(), 0, proj.out_features, 0]
         return None
+    if dtype == torch.bfloat16 and isinstance(proj, Int4Linear) and rows <= kernels.MAX_ROWS:
+        return [_INT4, proj.weight.data_ptr(), proj.scales_and_zeros.data_ptr(), proj.out_features, proj.group_size]
     if dtype == torch.bfloat16 and isinstance(proj, (Int8Linear, Int4Linear)) and proj.amx_q is not None:
-        if isinstance(proj, Int4Linear) and rows <= kernels.MAX_ROWS:
-            return None
         return [_AMX_INT, proj.amx_q.data_ptr(), proj.amx_sm.data_ptr(), proj.out_features,
                 8 if isinstance(proj, Int8Linear) else 4]
     return None

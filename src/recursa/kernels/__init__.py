@@ -59,7 +59,8 @@ import torch
 from recursa.kernels import build
 from recursa.kernels.build import amx_available, available, unavailable_reason
 from recursa.kernels.matmul import (AMX_MAX_ROWS, MAX_ROWS, linear_amx, linear_amx_int, linear_bf16, linear_f32,
-                                    pack_amx, pack_amx_int4, pack_amx_int8, pack_f32, supports, supports_f32)
+                                    linear_int4, pack_amx, pack_amx_int4, pack_amx_int8, pack_f32, supports,
+                                    supports_f32)
 from recursa.kernels.passes import (kv_write, paged_decode_attention, rms_norm, rope_qk, row_max, silu_mul,
                                     supports_attention, supports_elementwise, supports_rope)
 
@@ -75,6 +76,8 @@ _LIBRARY.define("linear_amx(Tensor x, Tensor wp, int n) -> Tensor")
 _LIBRARY.impl("linear_amx", linear_amx, "CPU")
 _LIBRARY.define("linear_amx_int(Tensor x, Tensor wq, Tensor sm, int n, int bits) -> Tensor")
 _LIBRARY.impl("linear_amx_int", linear_amx_int, "CPU")
+_LIBRARY.define("linear_int4(Tensor x, Tensor w, Tensor sz, int n, int group) -> Tensor")
+_LIBRARY.impl("linear_int4", linear_int4, "CPU")
 _LIBRARY.define("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, int offset, "
                 "Tensor lens, Tensor? rows=None) -> Tensor")
 _LIBRARY.impl("paged_decode_attention", paged_decode_attention, "CPU")
@@ -95,6 +98,11 @@ def _(x, wp, n):
     return x.new_empty(*x.shape[:-1], n)
 
 
+@torch.library.register_fake("recursa::linear_int4")
+def _(x, w, sz, n, group):
+    return x.new_empty(*x.shape[:-1], n)
+
+
 @torch.library.register_fake("recursa::linear_amx_int")
 def _(x, wq, sm, n, bits):
     return x.new_empty(*x.shape[:-1], n)
@@ -109,12 +117,13 @@ linear_bf16_op = torch.ops.recursa.linear_bf16
 linear_amx_op = torch.ops.recursa.linear_amx
 linear_f32_op = torch.ops.recursa.linear_f32
 linear_amx_int_op = torch.ops.recursa.linear_amx_int
+linear_int4_op = torch.ops.recursa.linear_int4
 paged_decode_attention_op = torch.ops.recursa.paged_decode_attention
 
 
 __all__ = ["AMX_MAX_ROWS", "MAX_ROWS", "amx_available", "available", "build", "kv_write", "linear_amx",
            "linear_amx_int", "linear_amx_int_op", "linear_amx_op", "linear_bf16", "linear_bf16_op", "linear_f32",
-           "linear_f32_op", "pack_amx", "pack_amx_int4", "pack_amx_int8", "pack_f32", "paged_decode_attention",
+           "linear_f32_op", "linear_int4", "linear_int4_op", "pack_amx", "pack_amx_int4", "pack_amx_int8", "pack_f32", "paged_decode_attention",
            "paged_decode_attention_op", "rms_norm", "rope_qk", "row_max", "silu_mul", "supports",
            "supports_attention", "supports_elementwise",
            "supports_f32", "supports_rope", "unavailable_reason"]

@@ -23,13 +23,14 @@ _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argume
                  "kv_write": ([_P, _P, _I64, _P, _P, _P] + [_I64] * 8, _I)},
     "decode_span": {"decode_span": ([_P, _P, _I64] + [_P] * 5 + [_I64, _P, _I64, _P, _P, _I64, _I64, _P, _P] + [_I64] * 6
                                     + [ctypes.c_float] * 2 + [_I, _I], _I)},
+    "linear_int4": {"linear_int4": ([_P] * 4 + [_I64] * 3 + [_I, _I], None)},
     "row_max": {"row_max": ([_P] * 3 + [_I64] * 2 + [_I, _I], None)},
     "linear_f32": {"linear_f32": ([_P] * 3 + [_I64] * 3 + [_I], None)},
     "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None),
                    "linear_amx_int": ([_P] * 4 + [_I64] * 3 + [_I, _I], None), "amx_init": ([], _I)},
 }
 _FLAGS = {"linear_amx": ["-mamx-tile", "-mamx-bf16"]}   # beyond the common ones
-_BASE = ("linear_bf16", "linear_f32", "paged_attention", "norm_act", "row_max", "decode_span")             # built by _load; linear_amx on demand
+_BASE = ("linear_bf16", "linear_f32", "linear_int4", "paged_attention", "norm_act", "row_max", "decode_span")             # built by _load; linear_amx on demand
 _state: dict = {}   # the loaded functions by name, and what _load / amx_available found
 
 

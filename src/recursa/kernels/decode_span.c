@@ -12,7 +12,8 @@
    The kernels come in as function pointers (fn, in the order of enum K below) from the libraries
    recursa already loaded, so nothing is compiled twice. layers [L, LAYER_WORDS] int64 per depth:
    attention-norm and MLP-norm weights, the depth's slot offset, then four projections (q/k/v, o,
-   gate/up, down) of PROJ_WORDS each: kind, weight, scales (int kinds), output size, bits.
+   gate/up, down) of PROJ_WORDS each: kind, weight, scales (int kinds), output size, bits (int4 GEMV:
+   its group size).
    x [M, D] (M tokens: one per request at decode, or a few per request: rows[t] is token t's request,
    NULL for one each) is updated in place (D % 16 == 0); cos/sin [M, hd]; lens [M]: positions each sees.
    Slots, two ways: table_index NULL: slots [M, smax] and new_slots [M] at cache layer 0, plus each
@@ -22,8 +23,9 @@
    Returns 0, -1 (no memory for the scratch buffers), or 10 * layer + 1 (a slot out of range: that
    layer writes nothing, earlier ones have) or + 2 (attention failed). */
 
-enum K { RMS_NORM, SILU_MUL, ROPE_QK, KV_WRITE, ATTENTION, LINEAR_AMX, LINEAR_AMX_INT, LINEAR_F32, LINEAR_BF16, NK };
-enum { PROJ_AMX = 1, PROJ_AMX_INT = 2, PROJ_F32 = 3, PROJ_BF16 = 4 };
+enum K { RMS_NORM, SILU_MUL, ROPE_QK, KV_WRITE, ATTENTION, LINEAR_AMX, LINEAR_AMX_INT, LINEAR_F32, LINEAR_BF16,
+         LINEAR_INT4, NK };
+enum { PROJ_AMX = 1, PROJ_AMX_INT = 2, PROJ_F32 = 3, PROJ_BF16 = 4, PROJ_INT4 = 5 };
 #define PROJ_WORDS 5
 #define LAYER_WORDS 24
 
@@ -44,6 +46,7 @@ static void project(void *const *fn, const int64_t *p, const void *x, void *y, i
     case PROJ_AMX: ((linear_t)fn[LINEAR_AMX])(x, w, y, M, K, p[3], threads); break;
     case PROJ_AMX_INT: ((linear_int_t)fn[LINEAR_AMX_INT])(x, w, sm, y, M, K, p[3], (int)p[4], threads); break;
     case PROJ_F32: ((linear_t)fn[LINEAR_F32])(x, w, y, M, K, p[3], threads); break;
+    case PROJ_INT4: ((linear_int_t)fn[LINEAR_INT4])(x, w, sm, y, M, K, p[3], (int)p[4], threads); break;   /* p[4]: group */
     default: ((linear_t)fn[LINEAR_BF16])(x, w, y, M, K, p[3], threads); break;
     }
 }

@@ -45,6 +45,18 @@ def pack_amx_int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, 
     return rows, _tile_scales(scale, torch.zeros_like(scale), blocks, pad)
 
 
+def linear_int4(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, n: int, group: int) -> torch.Tensor:
+    """x [..., K] bf16 @ W.T -> [..., n] bf16 for a few rows (<= MAX_ROWS), W in torch's CPU int4 layout
+    (Int4Linear.weight, uint8 [N', K/2]) with its scales_and_zeros sz bf16 [K/group, N', 2] (the caller
+    checked `available()`). Eager: a direct call; compiled graphs call `linear_int4_op`."""
+    build._load()
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    build._state["linear_int4"](x2.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), x2.shape[0], x2.shape[1],
+                                n, group, torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
 def linear_amx_int(x: torch.Tensor, wq: torch.Tensor, sm: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     """x [..., K] bf16 @ w.T -> [..., n] bf16 with w given as pack_amx_int4 (bits 4) or pack_amx_int8 (8)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
