@@ -16,7 +16,7 @@ MKL's packed copy (three times the weight's size) for every fp32 batch.
 weight packed once by `pack_amx`, for up to `AMX_MAX_ROWS` rows: over SmolLM2's matrices, 2
 threads, it streamed 12-13 GB/s at 1-4 rows and 9.3 at 32 on a loaded machine, against oneDNN's 10
 and 8.2 (benchmarks/cpu_kernels.py), and 24.4 / 20.6 GB/s on a quiet one (oneDNN 18.7 / 16.3), against 30-34 GB/s
-for a plain 2-thread read (benchmarks/RESULTS.md, "fifth pass"); at 64 rows oneDNN's is ahead. `linear_amx_int(x, wq, sm, n, bits)`
+for a plain 2-thread read (benchmarks/RESULTS.md, "fifth pass"); level with oneDNN at 64 rows, 4% behind at 128 (RESULTS.md, "sixth pass"). `linear_amx_int(x, wq, sm, n, bits)`
 runs the same tiles over int4 or int8 weights (`pack_amx_int4`, `pack_amx_int8`), widening each
 tile to bf16 in L1 first: 4.5-9x torch's int4 kernel at 32-256 rows, 4.5-10x its int8 kernel.
 They need a CPU with AMX-BF16 (Sapphire Rapids and later) and Linux's permission for the tile

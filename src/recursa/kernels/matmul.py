@@ -9,7 +9,7 @@ from recursa.kernels.build import available
 
 MAX_ROWS = 4   # rows (tokens) up to which the GEMV beats oneDNN; more rows go to F.linear
 F32_PANEL = 32   # output columns per panel of pack_f32 (PW in linear_f32.c)
-AMX_MAX_ROWS = 32   # bf16 rows up to which AMX tiles beat oneDNN's packed GEMM (benchmarks/cpu_kernels.py)
+AMX_MAX_ROWS = 128   # bf16 rows up to which AMX tiles are level with or beat oneDNN's packed GEMM (benchmarks/cpu_kernels.py: 16.4 vs 20.7 ms at 32 rows, 22.4 vs 23.0 at 64, 35.8 vs 34.3 at 128)
 
 
 def _tile_scales(scale: torch.Tensor, minimum: torch.Tensor, blocks: int, pad: int) -> torch.Tensor:
