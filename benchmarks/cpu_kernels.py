@@ -8,7 +8,7 @@ the weight bytes it streams per second. Formats and kernels:
   fp32: F.linear (MKL) | MKL's prepacked GEMM | recursa's fp32 GEMM over panel-packed weights
   bf16: oneDNN's prepacked GEMM (what F.linear becomes) | recursa's GEMV (<= 4 rows) | AMX tiles
   int8: torch._weight_int8pack_mm | AMX tiles widened from int8
-  int4: torch._weight_int4pack_mm_for_cpu | recursa's GEMV (its engine use: 1 row) | AMX tiles widened from int4 (groups of 32)
+  int4: torch._weight_int4pack_mm_for_cpu | recursa's GEMV (<= 4 rows) | AMX tiles widened from int4 (groups of 32)
 
     .venv/bin/python benchmarks/cpu_kernels.py --threads 2 --rows 1,4,32,64,256
     .venv/bin/python benchmarks/cpu_kernels.py --formats fp32 --rows 1,2,4,8,16,32,64,128
@@ -64,7 +64,7 @@ def build(fmt: str):
             m = Int4Linear(q, scale, lo, 32)
             calls.setdefault("torch", []).append(lambda x, m=m: torch._weight_int4pack_mm_for_cpu(
                 x, m.weight, 32, m.scales_and_zeros))
-            if kernels.available():   # recursa's GEMV over the same layout (<= 4 rows)
+            if kernels.available():   # recursa's GEMV over the same layout (<= 4 rows: see main)
                 calls.setdefault("gemv", []).append(lambda x, m=m: kernels.linear_int4(
                     x, m.weight, m.scales_and_zeros, m.out_features, 32))
             if m.amx_q is not None:

@@ -3,7 +3,7 @@
 Every fused span the engine runs is replayed eagerly on a copy of the cache taken before it: the
 hidden states and every key/value the span wrote must have the same bits, in bf16, fp32, int8 and
 int4 weights, for requests of different lengths decoding side by side. Where a layer cannot be
-fused (bf16 past 32 rows, int4 at 2-4 rows, LoRA-relaxed depths) the eager path runs instead.
+fused (bf16 past 128 rows, LoRA-relaxed depths) the eager path runs instead.
 """
 from types import SimpleNamespace
 

@@ -57,7 +57,7 @@ def test_int4_module_matches_its_dequantized_weight(n):
     assert (exact - w).abs().max() <= scale.max() / 2 + 1e-6
     deq = m.dequantize()                                   # what the kernel multiplies by (bf16 scales)
     assert (deq - exact).abs().max() <= 2e-2 * w.abs().max()
-    for rows in (1, 3, 20, 64):   # recursa's int4 GEMV (1 token), torch's kernel (3); AMX's tiles where the CPU has them
+    for rows in (1, 3, 20, 64):   # recursa's int4 GEMV (<= 4 tokens); AMX's tiles where the CPU has them (5-64)
         x = _x(rows, 96)
         ref = x.float() @ deq.t()
         torch.testing.assert_close(m(x).float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)

@@ -16,8 +16,8 @@ It runs a span when its tokens attend in place (`PagedBatch.in_place`): over a d
 with every request at one depth, or over recursion-wise caching's compact tables at any mix of
 depths; each layer is a plain fused `Block` (no LoRA adapters, its own keys/values) whose
 projections at this many rows take one of the C matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX
-tiles, the one-row int4 GEMV, the packed fp32 GEMM/GEMV). Anything else (bf16 past 32 rows, which
-oneDNN serves; int4 at 2-4 rows, torch's kernel) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns
+tiles, the int4 GEMV, the packed fp32 GEMM/GEMV). Anything else (bf16 past 128 rows, which
+oneDNN serves) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns
 it off.
 """
 from __future__ import annotations
@@ -50,8 +50,6 @@ def _projection(proj, rows: int, dtype: torch.dtype) -> list[int] | None:
             return [_BF16, proj.weight.data_ptr(), 0, proj.out_features, 0]
         return None
     if dtype == torch.bfloat16 and isinstance(proj, Int4Linear) and rows <= kernels.MAX_ROWS:
-        if rows > 1:   # torch's int4 kernel serves 2-4 rows; C cannot call it
-            return None
         return [_INT4, proj.weight.data_ptr(), proj.scales_and_zeros.data_ptr(), proj.out_features, proj.group_size]
     if dtype == torch.bfloat16 and isinstance(proj, (Int8Linear, Int4Linear)) and proj.amx_q is not None:
         return [_AMX_INT, proj.amx_q.data_ptr(), proj.amx_sm.data_ptr(), proj.out_features,

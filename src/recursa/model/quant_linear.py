@@ -5,11 +5,12 @@
   token count (its own tile-ordered copy of the weights; 1.4x at batch 1 and 10-20x at 32 tokens
   on SmolLM2's head shape, 1 thread, benchmarks/cpu_kernels.py).
 - `Int4Linear`: affine int4 in groups of `group_size` inputs (32 by default, like GGUF's Q4_1),
-  w = scale * q + minimum, q in [0, 15]. CPU kernels: for one token recursa's `kernels.linear_int4`
-  (a GEMV over torch's int4 layout, level with torch's own kernel there and callable from the fused
-  decode span), above `kernels.MAX_ROWS` tokens on AMX CPUs `recursa.kernels.linear_amx_int` (a copy
-  of the blocks in tile order, +25% of the int4 bytes, widened to bf16 tile by tile in L1), prefill
-  included, and `torch._weight_int4pack_mm_for_cpu` in between (2-4 tokens) and elsewhere.
+  w = scale * q + minimum, q in [0, 15]. CPU kernels: up to `kernels.MAX_ROWS` tokens recursa's
+  `kernels.linear_int4` (a GEMV over torch's int4 layout: level with torch's own kernel at one
+  token, ~13% behind it at 2-4, but callable from the fused decode span, which makes int4 decode
+  at 3 requests ~1.5x faster), above that on AMX CPUs `recursa.kernels.linear_amx_int` (a copy of
+  the blocks in tile order, +25% of the int4 bytes, widened to bf16 tile by tile in L1), prefill
+  included, else `torch._weight_int4pack_mm_for_cpu`.
   Elsewhere (CUDA) both dequantize to the compute dtype and run F.linear: slower, never wrong.
 
 Both keep nn.Linear's contract (x [..., in] -> [..., out]). The CPU kernels are fast only with
@@ -156,7 +157,7 @@ class Int4Linear(nn.Module):
         x2 = _flat(x)
         if self.amx_q is not None and x2.shape[0] > kernels.MAX_ROWS:
             y = _as(_amx_int(x2, self.amx_q, self.amx_sm, self.out_features, 4), x.dtype)
-        elif x.device.type == "cpu" and x2.shape[0] == 1 and kernels.available():   # 2-4 rows: torch's is faster
+        elif x.device.type == "cpu" and x2.shape[0] <= kernels.MAX_ROWS and kernels.available():
             gemv = kernels.linear_int4_op if torch.compiler.is_compiling() else kernels.linear_int4
             y = _as(gemv(_as(x2, KERNEL_DTYPE), self.weight, _as(self.scales_and_zeros, KERNEL_DTYPE), self.out_features,
                          self.group_size), x.dtype)
