@@ -239,10 +239,13 @@ def test_warm_up_runs_every_step_kind_and_leaves_nothing_behind(model):
 
 
 @pytest.mark.slow
-def test_a_warmed_up_compiled_engine_does_not_compile_again(model):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])   # bf16: the matmul kind changes at AMX_MAX_ROWS
+def test_a_warmed_up_compiled_engine_does_not_compile_again(model, dtype):
+    import copy
+
     import torch._dynamo.utils as dynamo_utils
 
-    llm = LLM(model, max_num_seqs=40, compile=True)
+    llm = LLM(copy.deepcopy(model) if dtype else model, dtype=dtype, max_num_seqs=40, compile=True)
     llm.warm_up()
     frames = dynamo_utils.counters["frames"]["ok"]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
