@@ -63,6 +63,21 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(e, n));
 }
 
+/* scores sc [G][n16] -> exp(s - max) in place (the padding's -inf gives 0), mx: each row's running
+   maximum; inv: 1 / each row's sum */
+static inline void softmax_rows(float *sc, const __m512 *mx, int64_t G, int64_t n16, float *inv) {
+    for (int64_t j = 0; j < G; ++j) {
+        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx[j]));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t p0 = 0; p0 < n16; p0 += 16) {
+            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(sc + j * n16 + p0), top));
+            _mm512_store_ps(sc + j * n16 + p0, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[j] = 1.f / _mm512_reduce_add_ps(sum);
+    }
+}
+
 static inline __attribute__((always_inline)) void attend_group(
         const void *q, const void *kc, const void *vc, const int64_t *slot_row, int64_t offset, int64_t n,
         void *out, int64_t b, int64_t g, int64_t H, int64_t Hkv, int64_t D, float scale, int bf16, float *sc) {
@@ -96,16 +111,7 @@ static inline __attribute__((always_inline)) void attend_group(
         }
     }
     float inv[MAXG];
-    for (int64_t j = 0; j < G; ++j) {   /* exp(s - max) in place; the padding's -inf gives 0 */
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx[j]));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t p0 = 0; p0 < n16; p0 += 16) {
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(sc + j * n16 + p0), top));
-            _mm512_store_ps(sc + j * n16 + p0, e);
-            sum = _mm512_add_ps(sum, e);
-        }
-        inv[j] = 1.f / _mm512_reduce_add_ps(sum);
-    }
+    softmax_rows(sc, mx, G, n16, inv);
     __m512 acc[MAXG][MAXV];
     for (int64_t j = 0; j < G; ++j)
         for (int64_t v = 0; v < nv; ++v) acc[j][v] = _mm512_setzero_ps();
@@ -172,16 +178,7 @@ static void attend_request_bf16(const uint16_t *q, const uint16_t *kc, const uin
             }
         }
         float inv[MAXG];
-        for (int64_t j = 0; j < G; ++j) {
-            const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx[j]));
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t p0 = 0; p0 < n16; p0 += 16) {
-                const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(sc + j * n16 + p0), top));
-                _mm512_store_ps(sc + j * n16 + p0, e);
-                sum = _mm512_add_ps(sum, e);
-            }
-            inv[j] = 1.f / _mm512_reduce_add_ps(sum);
-        }
+        softmax_rows(sc, mx, G, n16, inv);
         __m512 even[MAXG][MAXV / 2], odd[MAXG][MAXV / 2];
         for (int64_t j = 0; j < G; ++j)
             for (int64_t w = 0; w < nw; ++w) even[j][w] = odd[j][w] = _mm512_setzero_ps();
