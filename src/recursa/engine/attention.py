@@ -17,6 +17,7 @@ recursion step, masked by the position each entry holds, and every depth has its
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,13 +25,17 @@ from recursa import kernels
 from recursa.engine.kv_cache import KVCacheManager
 from recursa.engine.sequence import Sequence
 
-IN_PLACE_CHUNK = 16   # tokens per request up to which a chunk attends through the in-place kernel
+IN_PLACE_CHUNK = 16     # tokens per request up to which a chunk always attends through the in-place kernel
+IN_PLACE_WORK = 32768   # past that, while (tokens per request) x keys stays within this: it reads each
+# query's keys alone, one task per request, which beats the padded SDPA at short contexts (a 32-token
+# prefill chunk of SmolLM2 over <= 512 keys: 1.5x) and loses at long ones (64 tokens over 2,000: 0.7x)
 
 
 class PagedBatch:
     """Positions, rope, padding, mask and cache-layer-0 slots for one set of in-flight tokens."""
 
-    def __init__(self, model, kv: KVCacheManager, seqs: list[Sequence], device, dtype):
+    def __init__(self, model, kv: KVCacheManager, seqs: list[Sequence], device, dtype, rope=None):
+        """rope: (cos, sin) [1, max_len, hd] of every position (ModelRunner's table), else computed here."""
         self.sizes = [s.n_in_flight for s in seqs]
         self.num_tokens = sum(self.sizes)
         tmax = max(self.sizes)
@@ -47,8 +52,9 @@ class PagedBatch:
         # on the CPU recursa's kernel reads the cache where it lies, for decode tokens and for short
         # chunks (speculative verification, parallel decoding's catch-up, small prefill chunks):
         # each query reads its request's row up to the keys it sees (see _prefix_lens)
-        want = (self.decode or tmax <= IN_PLACE_CHUNK) and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype)
-        rows = None if self.decode else torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(self.sizes))
+        want = ((self.decode or tmax <= IN_PLACE_CHUNK or tmax * kv_len <= IN_PLACE_WORK)
+                and kernels.supports_attention(model.cfg.n_heads, kv.k, dtype))
+        rows = None if self.decode else torch.from_numpy(np.repeat(np.arange(len(seqs)), self.sizes))
         lens = self._prefix_lens(keys, packed, rows) if want else None
         self.in_place = lens is not None
         self.rows = rows.to(device) if self.in_place and rows is not None else None   # query -> slot row
@@ -77,7 +83,10 @@ class PagedBatch:
             self.unpad = valid.view(-1).nonzero()[:, 0].to(device)                 # flat (b, t) of each token
         # [B, 1, Tmax, Smax]; a lone decode token sees every cached key: no mask at all
         self.mask = None if self.in_place or self.decode and len(seqs) == 1 else mask.view(len(seqs), 1, -1, kv_len).to(device)
-        cos, sin = model.rope(packed.to(device), dtype)                           # [1, N, hd]
+        if rope is not None:
+            cos, sin = rope[0][:, packed], rope[1][:, packed]                     # [1, N, hd]
+        else:
+            cos, sin = model.rope(packed.to(device), dtype)
         self.cos, self.sin = cos[:, None], sin[:, None]                           # [1, 1, N, hd]: every layer's shape
         self.slots, self.new_slots = slots.to(device), self.new_slots.to(device)
         self.device = device
@@ -89,11 +98,12 @@ class PagedBatch:
         position order, so a query's keys are its table's first entries, up to its own."""
         if not self.per_layer:
             return packed + 1
-        row_keys = keys if rows is None else keys[rows]                           # [N, W]
+        keys, packed = keys.numpy(), packed.numpy()
+        row_keys = keys if rows is None else keys[rows.numpy()]                   # [N, W]
         visible = row_keys <= packed[:, None]
-        lens = visible.sum(-1)
-        prefix = torch.equal(visible, torch.arange(keys.shape[-1])[None] < lens[:, None])
-        return lens if prefix else None
+        if (visible[:, 1:] > visible[:, :-1]).any():   # a key seen after one unseen: not a prefix
+            return None
+        return torch.from_numpy(visible.sum(-1))
 
     def shifted(self, offsets: list[int]):
         """(slots [B, Smax], new slots [N]) at the cache layers `offsets` (one slot offset per request)."""

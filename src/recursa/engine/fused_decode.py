@@ -2,7 +2,7 @@
 
 "Decode" here is any span whose attention reads the cache in place: one token per request, or a
 short chunk per request (speculative verification, parallel decoding's catch-up, small prefill
-chunks; see engine/attention.py's IN_PLACE_CHUNK).
+chunks; see engine/attention.py's IN_PLACE_CHUNK and IN_PLACE_WORK).
 
 An eager decode layer is about a dozen kernel calls (norm, q/k/v matmul, rope, KV write,
 attention, o matmul, residual add, norm, gate/up matmul, activation, down matmul, add), each

@@ -84,12 +84,14 @@ class LLM(LLMEngine):
     def warm_up(self, new_tokens: int = 4) -> None:
         """Run every kind of step once, so that a compiled engine (compile=True) compiles now, not
         inside its first requests: one request alone with a short prompt (a chunk that attends in
-        place, `attention.IN_PLACE_CHUNK`), one a little longer (the compiled span, AMX matmuls) and
+        place), one past `attention.IN_PLACE_WORK` (the padded attention) and
         one past `kernels.AMX_MAX_ROWS` tokens (the projections pick their kernel by token count, and
         each choice is its own graph), then a small batch and a full one (up to max_num_seqs, past
         AMX_MAX_ROWS decode rows where it allows). Eager engines gain little from it. Synthetic
         token ids; nothing stays in flight (the KV blocks are freed)."""
-        from recursa.engine.attention import IN_PLACE_CHUNK
+        from math import isqrt
+
+        from recursa.engine.attention import IN_PLACE_WORK
         from recursa.kernels import AMX_MAX_ROWS
 
         vocab, room = self.model.cfg.vocab_size, self.max_model_len - new_tokens
@@ -99,7 +101,7 @@ class LLM(LLMEngine):
             return [1 + (i * 7919 + j * 104729) % (vocab - 1) for j in range(max(1, min(n, room)))]
 
         many = min(self.config.max_num_seqs, AMX_MAX_ROWS + 8)
-        for batch in ([prompt(0, 12)], [prompt(2, IN_PLACE_CHUNK + 8)], [prompt(1, AMX_MAX_ROWS + 8)],
+        for batch in ([prompt(0, 12)], [prompt(2, isqrt(IN_PLACE_WORK) + 8)], [prompt(1, AMX_MAX_ROWS + 8)],
                       [prompt(i, 8 + i) for i in range(3)],
                       [prompt(i, 4 + i % 8) for i in range(many)]):   # short: all admitted in one step
             self.generate(batch, params)

@@ -42,6 +42,8 @@ class ModelRunner:
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.fused = FusedDecode(model, kv, self.dtype)   # decode spans in one C call where they allow
+        # rope of every position, once: a span indexes it (the same values model.rope gives, elementwise)
+        self.rope = model.rope(torch.arange(model.cfg.max_seq_len, device=self.device), self.dtype)
         self.gqa = model.cfg.n_kv_heads != model.cfg.n_heads
         self.offset = [kv.offset(model.kv_source(d)) for d in range(model.depth)]   # depth -> slot offset
         self.num_span_runs = 0
@@ -85,7 +87,7 @@ class ModelRunner:
         if (last is not None and not self.kv.compact and last[0][0] == key[0] and len(last[0][1]) == len(seqs)
                 and all(a is b for a, b in zip(last[0][1], key[1]))):
             return last[1]
-        batch = PagedBatch(self.model, self.kv, seqs, self.device, self.dtype)
+        batch = PagedBatch(self.model, self.kv, seqs, self.device, self.dtype, self.rope)
         self._last_batch = (key, batch)
         return batch
 

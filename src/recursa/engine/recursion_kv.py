@@ -29,6 +29,7 @@ other requests: at a fixed byte budget more requests run at once.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from recursa.engine.kv_cache import KVCacheManager
@@ -76,7 +77,7 @@ class RecursionKVCache(KVCacheManager):
             raise RecursaError(f"KV cache memory of {memory_bytes} bytes is less than one block "
                                f"({block_size} tokens x {self.kv_bytes_per_token} bytes over all depths)")
         self._init_pool(self.num_blocks * block_size, n_kv_heads, head_dim, dtype, device)
-        self.entry_pos = torch.full((self.num_blocks * block_size,), EMPTY, dtype=torch.long)   # host
+        self.entry_pos = np.full(self.num_blocks * block_size, EMPTY, dtype=np.int64)   # host
         self.tables: dict[int, list[RegionTable]] = {}   # id(seq) -> one table per region
         self.promise: dict[int, int] = {}   # id(seq) -> layer blocks its chunk may still take in steps >= 1
         self.promised = 0                   # their sum: never more than the free blocks
@@ -178,9 +179,9 @@ class RecursionKVCache(KVCacheManager):
                 unit = tab.units[tab.count // self.block_size * width]
                 self.entry_pos[unit * self.block_size + tab.count % self.block_size] = int(positions[0])
             elif positions is not None:
-                e = torch.arange(tab.count, tab.count + n)
-                first = torch.tensor(tab.units[0::width])   # each block's layer block at the region's first depth
-                self.entry_pos[first[e // self.block_size] * self.block_size + e % self.block_size] = positions
+                e = np.arange(tab.count, tab.count + n)
+                first = np.array(tab.units[0::width])   # each block's layer block at the region's first depth
+                self.entry_pos[first[e // self.block_size] * self.block_size + e % self.block_size] = positions.numpy()
         tab.count += n
         self.region_entries[region] += n
 
@@ -196,34 +197,36 @@ class RecursionKVCache(KVCacheManager):
     def span_view(self, seqs: list[Sequence]):
         """For a span group (its tokens placed first): slots [L, B, W] of
         each layer of the span, key positions [B, W] (EMPTY where no entry) and the slots of the
-        in-flight tokens' own entries [L, N] (their table's last entries)."""
+        in-flight tokens' own entries [L, N] (their table's last entries). Built in numpy: a few
+        dozen small host ops per span, each a tenth of a torch op's dispatch."""
         for s in seqs:
             self.place(s)
         regions = [self.region_of[s.depth] for s in seqs]   # a span group may mix recursion steps
         width, bs = self.widths[regions[0]], self.block_size
         tabs = [self.tables[id(s)][r] for s, r in zip(seqs, regions)]
-        counts = [t.count for t in tabs]
-        w = max(counts)
+        counts = np.array([t.count for t in tabs])
+        w = int(counts.max())
         nb = -(-w // bs)
-        units = torch.tensor([t.units + [0] * (nb * width - len(t.units)) for t in tabs]).view(len(tabs), nb, width)
-        e = torch.arange(w)
-        slots = (units.permute(2, 0, 1)[:, :, e // bs] * bs + e % bs).contiguous()   # [L, B, W]
-        counts_t = torch.tensor(counts)
+        units = np.zeros((len(tabs), nb * width), dtype=np.int64)
+        for row, t in zip(units, tabs):
+            row[:len(t.units)] = t.units
+        e = np.arange(w)
+        slots = np.ascontiguousarray(units.reshape(len(tabs), nb, width).transpose(2, 0, 1)[:, :, e // bs] * bs + e % bs)   # [L, B, W]
         if min(regions) >= self.EAGER:
             keys = self.entry_pos[slots[0]]
         elif max(regions) < self.EAGER:
-            keys = e[None]
+            keys = np.broadcast_to(e, slots.shape[1:])
         else:
-            keys = torch.where(torch.tensor(regions)[:, None] >= self.EAGER, self.entry_pos[slots[0]], e[None])
-        keys = torch.where(e[None] < counts_t[:, None], keys, EMPTY)
+            keys = np.where(np.array(regions)[:, None] >= self.EAGER, self.entry_pos[slots[0]], e[None])
+        keys = np.where(e[None] < counts[:, None], keys, EMPTY)
         sizes = [s.n_in_flight for s in seqs]
-        first = torch.arange(len(seqs)) * w + counts_t                      # flat index past each request's entries
+        first = np.arange(len(seqs)) * w + counts                          # flat index past each request's entries
         if max(sizes) == 1:   # decode tokens: each holds its table's last entry
             idx = first - 1
         else:
-            sizes_t = torch.tensor(sizes)
-            ends = torch.cumsum(sizes_t, 0)
-            idx = torch.repeat_interleave(first - ends, sizes_t) + torch.arange(int(ends[-1]))
-        return slots, keys, slots.reshape(width, -1)[:, idx]
+            ends = np.cumsum(sizes)
+            idx = np.repeat(first - ends, sizes) + np.arange(int(ends[-1]))
+        new = slots.reshape(width, -1)[:, idx]
+        return torch.from_numpy(slots), torch.from_numpy(keys), torch.from_numpy(np.ascontiguousarray(new))
 
 __all__ = ["RecursionKVCache", "RegionTable", "mor_regions", "EMPTY"]

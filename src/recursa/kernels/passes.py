@@ -108,7 +108,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     several queries of a request: a short chunk whose keys were written first). Returns [B, H, hd].
     The caller checked `supports_attention`."""
     build._load()
-    q = q.contiguous()
+    q, slots, lens = q.contiguous(), slots.contiguous(), lens.contiguous()   # the C reads rows of slots by shape[1]
+    rows = None if rows is None else rows.contiguous()
     out = torch.empty_like(q)
     B, H, hd = q.shape
     status = build._state["paged_decode_attention"](q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),

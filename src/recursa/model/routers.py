@@ -66,10 +66,6 @@ class Routers(nn.Module):
         """alpha * act(score) for expert choice (act = the configured sigmoid / tanh)."""
         return self.alpha * (torch.sigmoid(score) if self.gate_fn == "sigmoid" else torch.tanh(score))
 
-    def decision_score(self, step: int, h: torch.Tensor) -> torch.Tensor:
-        """The score whose sigmoid is compared with the threshold at inference."""
-        return self.aux_score(step, h) if self.aux is not None else self.score(step, h)
-
     # ---- token choice --------------------------------------------------------------------
     def token_logits(self, h_entry: torch.Tensor) -> torch.Tensor:
         return self.scorer(h_entry)
@@ -93,10 +89,12 @@ class Routers(nn.Module):
         if self.kind == "token":
             depth, gate, _, _ = self.token_choice(h_entry)
             return depth > step, gate
-        gate = self.gate(self.score(step, h))[..., None]
+        score = self.score(step, h)
+        gate = self.gate(score)[..., None]
         if step == 0:
             return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device), gate
-        return torch.sigmoid(self.decision_score(step, h)) > self.threshold, gate
+        decision = self.aux_score(step, h) if self.aux is not None else score   # its sigmoid meets the threshold
+        return torch.sigmoid(decision) > self.threshold, gate
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
