@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--histogram", type=Path, default=None, help="PNG of executed depth per output token")
     ap.add_argument("--repeats", type=int, default=1, help="runs per row, interleaved; the median is reported")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default=None, help="serve in this dtype (bf16, fp32; default: the model's own)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,8 +121,12 @@ def main() -> None:
     from recursa.engine.thresholds import Fixed
     from recursa.model import load
     from recursa.model.exits import ExitSpec
+    from recursa.model.quant import prepare
 
-    model = load(args.model)
+    # served as LLM(directory) serves a model: prepared for inference (fused projections, the CPU
+    # kernels' matmuls, the decode span in one C call), every row alike
+    model = prepare(load(args.model).eval(), args.dtype)
+    dtype = model.embed_tokens.weight.dtype
     ids = [load_tokenizer(args.model).encode(p) for p in prompts(args.requests)]
     exit_policy = None
     if args.exit_threshold is not None:
@@ -136,9 +141,9 @@ def main() -> None:
         exit_policy = ExitPolicy(spec, measure, Fixed(args.exit_threshold))
     engine = dict(max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_memory=None, max_num_seqs=args.requests)
-    configs = [("vanilla, same depth", vanilla_like(model), {})]
+    configs = [("vanilla, same depth", prepare(vanilla_like(model), dtype), {})]
     if args.vanilla:
-        configs.append((f"vanilla {Path(args.vanilla).parent.name}", load(args.vanilla), {}))
+        configs.append((f"vanilla {Path(args.vanilla).parent.name}", prepare(load(args.vanilla).eval(), dtype), {}))
     configs += [(f"adaptive {policy}", model, dict(policy=policy, exit_policy=exit_policy))
                 for policy in ("depthwise", "fullest", "synchronous")]
     results: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
@@ -174,7 +179,7 @@ def main() -> None:
                        f"{Path(args.model).parent.name if Path(args.model).name == 'model' else Path(args.model).name}: mean depth {sum(depths) / len(depths):.2f} of {model.depth}")
         print(f"histogram: {args.histogram}")
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    print(json.dumps({"benchmark": "depthwise", "git": rev, "model": args.model, "requests": args.requests,
+    print(json.dumps({"benchmark": "depthwise", "git": rev, "model": args.model, "requests": args.requests, "dtype": str(dtype),
                       "new_tokens": args.new_tokens, "threads": args.threads, "exit_threshold": args.exit_threshold,
                       "torch": torch.__version__, "runs": rows}))
 

@@ -66,22 +66,24 @@ class MoRRouting(Router):
                 ends.setdefault(r, []).append(s)
         for r, group in sorted(ends.items()):
             states = [self._of(s) for s in group]   # step r-1 ends: gate its residual branch, the
-            updated = self.model.mor_update(*(torch.cat(t) for t in zip(*[(st.h_start, s.hidden, st.gate) for s, st
-                                            in zip(group, states)]))).split([s.n_in_flight for s in group])
-            for s, st, h in zip(group, states, updated):   # group's tokens in one (elementwise) update
-                s.hidden = h
+            h = self.model.mor_update(*(torch.cat(t) for t in zip(*[(st.h_start, s.hidden, st.gate) for s, st
+                                      in zip(group, states)])))    # group's tokens in one (elementwise) update
+            for s, st, h_s in zip(group, states, h.split([s.n_in_flight for s in group])):
+                s.hidden = h_s
                 st.route_log.append((s.positions, r))
-                if int(s.positions[-1]) == s.chunk_end - 1:
+                # the newest token is still in flight (a whole chunk is, e.g. every decode token)
+                if s.n_in_flight == s.chunk_end - s.chunk_start or int(s.positions[-1]) == s.chunk_end - 1:
                     st.newest_steps = r
             if r < self.n_steps:
-                self._route(group, r)
+                self._route(group, r, h)
             else:
                 for s in group:
                     self._leave_block(s, active=True)
         return self._finish([s for s in seqs if s.depth == self.depth])
 
-    def _route(self, seqs: list[Sequence], step: int, entering: bool = False) -> None:
-        h = torch.cat([s.hidden for s in seqs])
+    def _route(self, seqs: list[Sequence], step: int, h: torch.Tensor | None = None, entering: bool = False) -> None:
+        """Route seqs' in-flight tokens at the start of `step` (h: their hidden states, concatenated)."""
+        h = torch.cat([s.hidden for s in seqs]) if h is None else h
         h_entry = h if entering else torch.cat([self._of(s).h_entry for s in seqs])
         with torch.inference_mode():
             go, gate = self.model.mor_route(step, h, h_entry)
