@@ -35,18 +35,23 @@ def _replaying(llm):
     Returns (tokens, layers, most tokens of one request) of each fused call."""
     runner, fused = llm.runner, llm.runner.fused
     run, calls = fused.run, []
+    captures = llm.captures = []   # capture index of each fused call that captured
 
-    def checked(batch, x, first, offsets):
+    def checked(batch, x, first, offsets, capture=None):
         kv = runner.kv
         k0, v0 = kv.k.clone(), kv.v.clone()
-        out = run(batch, x, first, offsets)
+        out = run(batch, x, first, offsets, capture)
         if out is None:
             return None
         k1, v1 = kv.k.clone(), kv.v.clone()
         kv.k.copy_(k0)
         kv.v.copy_(v0)
-        ref = runner.forward(runner.model, kv, batch, x, offsets, first, runner.gqa)
+        ref, ref_captured = runner.forward(runner.model, kv, batch, x, offsets, first, runner.gqa,
+                                           -1 if capture is None else capture[0])
         assert torch.equal(out, ref), f"hidden states differ (rows {x.shape[1]})"
+        if capture is not None:   # MoR: the hidden states at the shared block's entry, inside the span
+            assert torch.equal(capture[1], ref_captured), "captured hidden states differ"
+            captures.append(capture[0])
         assert torch.equal(kv.k, k1) and torch.equal(kv.v, v1), "cache writes differ"
         calls.append((x.shape[1], len(offsets), max(batch.sizes)))
         return out
@@ -84,6 +89,8 @@ def test_mor_spans_fuse_with_the_eager_bits(name):
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert all(len(o.token_ids) == 12 for o in outs)
     assert any(layers > 1 for _, layers, _ in calls), calls   # a whole recursion step in one call
+    assert any(layers == 3 for _, layers, _ in calls) and set(llm.captures) == {0}   # the prelude through step 0,
+    # the hidden states at the shared block's entry (after the prelude's one layer) captured on the way
     # prefill in chunks of <= 16 tokens: a chunk's queries read their compact tables' prefixes in place
     llm = recursa.LLM(model, kv_cache_memory=2**22, max_num_seqs=8, max_num_batched_tokens=16)
     calls = _replaying(llm)

@@ -34,8 +34,9 @@ IN_PLACE_WORK = 32768   # past that, while (tokens per request) x keys stays wit
 class PagedBatch:
     """Positions, rope, padding, mask and cache-layer-0 slots for one set of in-flight tokens."""
 
-    def __init__(self, model, kv: KVCacheManager, seqs: list[Sequence], device, dtype, rope=None):
-        """rope: (cos, sin) [1, max_len, hd] of every position (ModelRunner's table), else computed here."""
+    def __init__(self, model, kv: KVCacheManager, seqs: list[Sequence], device, dtype, rope=None, depths: int = 1):
+        """rope: (cos, sin) [1, max_len, hd] of every position (ModelRunner's table), else computed here;
+        depths: the span's (recursion-wise caching keeps a slot table per depth of the span)."""
         self.sizes = [s.n_in_flight for s in seqs]
         self.num_tokens = sum(self.sizes)
         tmax = max(self.sizes)
@@ -43,7 +44,7 @@ class PagedBatch:
         packed = torch.cat([s.positions for s in seqs]) if len(seqs) > 1 else seqs[0].positions   # [N] host
         self.per_layer = kv.compact   # recursion-wise caching: a slot tensor per layer, keys by entry position
         if self.per_layer:
-            slots, keys, self.new_slots = kv.span_view(seqs)                      # [L, B, W], [B, W], [L, N]
+            slots, keys, self.new_slots = kv.span_view(seqs, depths)              # [L, B, W], [B, W], [L, N]
         else:
             kv_len = int(packed.max()) + 1
             slots = kv.slots([s.block_table for s in seqs], kv_len)              # [B, Smax] host
@@ -107,7 +108,7 @@ class PagedBatch:
 
     def shifted(self, offsets: list[int]):
         """(slots [B, Smax], new slots [N]) at the cache layers `offsets` (one slot offset per request)."""
-        if self.per_layer:   # recursion-wise caching: offsets are the (equal) layer index inside the region
+        if self.per_layer:   # recursion-wise caching: offsets are the depth's index in the span
             return self.slots[offsets[0]], self.new_slots[offsets[0]]
         if min(offsets) == max(offsets):
             return self.slots + offsets[0], self.new_slots + offsets[0]

@@ -37,6 +37,8 @@ class Router:
     """Every token runs every depth (vanilla and recursive models); the base of the adaptive routers."""
 
     State = None    # the family's per-request state (a dataclass), kept in self.state by request
+    loop_boundaries = True   # spans end at each loop entry of a shared block (where other loops' tokens join)
+    capture_depth = None     # a depth inside a span whose input hidden states arrive() reads (runner.captured)
 
     def __init__(self, model, runner: ModelRunner):
         self.model, self.runner, self.depth = model, runner, model.depth

@@ -103,11 +103,13 @@ class FusedDecode:
                   for f in _FUNCTIONS])
         return self._fn
 
-    def run(self, batch, x: torch.Tensor, first: int, offsets: list[list[int]]) -> torch.Tensor | None:
+    def run(self, batch, x: torch.Tensor, first: int, offsets: list[list[int]],
+            capture: tuple[int, torch.Tensor] | None = None) -> torch.Tensor | None:
         """x [1, M, D] (M tokens) after the span's depths first .. first + len(offsets) - 1 (a new tensor), or None
         where it cannot run. offsets[j]: the slot offset of depth first + j's cache layer, one for
         all requests or one per request (requests at different loops of a shared block: fused only
-        under recursion-wise caching, whose per-layer tables already hold each request's slots)."""
+        under recursion-wise caching, whose per-layer tables already hold each request's slots).
+        capture (j, out): out [1, M, D] receives the hidden states after depth first + j."""
         if not (self.enabled and batch.in_place and x.dtype == self.dtype
                 and (batch.per_layer or all(len(o) == 1 for o in offsets))):   # dense: one depth for all
             return None
@@ -125,7 +127,8 @@ class FusedDecode:
             None if index is None else index.data_ptr(), slot_stride, new_stride, lens.data_ptr(),
             None if batch.rows is None else batch.rows.data_ptr(), rows, cfg.dim, cfg.n_heads, cfg.n_kv_heads,
             cfg.head_dim, cfg.ffn_dim, cfg.norm_eps, cfg.head_dim ** -0.5,
-            int(self.dtype == torch.bfloat16), torch.get_num_threads())
+            int(self.dtype == torch.bfloat16), torch.get_num_threads(),
+            None if capture is None else capture[1].data_ptr(), -1 if capture is None else capture[0])
         if status < 0:
             raise MemoryError("decode_span: no memory for its scratch buffers")
         if status:

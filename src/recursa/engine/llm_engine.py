@@ -50,14 +50,15 @@ DEFAULT_KV_MEMORY = 512 * 2**20
 logger = logging.getLogger(__name__)
 
 
-def span_boundaries(model: Decoder, router_boundaries: set[int]) -> list[int]:
-    """Sorted depths where spans start or end: 0, the router's, each loop entry of a shared block, the end."""
+def span_boundaries(model: Decoder, router: Router) -> list[int]:
+    """Sorted depths where spans start or end: 0, the router's, each loop entry of a shared block
+    (unless the router places its own there), the end."""
     st = model.structure()
     loops = set()
-    if st.n_loops > 1:
+    if st.n_loops > 1 and router.loop_boundaries:
         k = len(st.shared_layers)
         loops = {st.shared[0] + r * k for r in range(st.n_loops + 1)}
-    return sorted({0, model.depth} | router_boundaries | loops)
+    return sorted({0, model.depth} | router.boundaries() | loops)
 
 
 
@@ -102,7 +103,8 @@ class LLMEngine:
                                               ends=self.output_processor.reason)}[config.exit_strategy]
         self.router = make_router(model, self.runner, exit_policy, exit_router)
         # spans and their keys: spans that run the same stages in the same order batch together
-        self.boundaries = bounds = span_boundaries(model, self.router.boundaries())
+        self.boundaries = bounds = span_boundaries(model, self.router)
+        self.runner.capture_depth = self.router.capture_depth
         stage_keys = model.stage_keys()
         ids: dict[tuple, int] = {}
         span_key = {b: ids.setdefault(tuple(stage_keys[b:e]), len(ids)) for b, e in zip(bounds, bounds[1:])}

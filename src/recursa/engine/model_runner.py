@@ -23,13 +23,17 @@ from recursa.model.exits import exit_logits
 
 
 def run_depths(model: Decoder, kv: KVCacheManager, batch: PagedBatch, x: torch.Tensor,
-               offsets: list[list[int]], first: int, gqa: bool) -> torch.Tensor:
+               offsets: list[list[int]], first: int, gqa: bool, capture: int = -1):
     """The span's forward: depth first + j reads/writes the cache layers offsets[j] (one slot offset
-    per request). One function for eager and compiled runs (torch.compile traces the whole span:
-    every layer's norms, rotary and activations fused, one graph per span and batch shape kind)."""
+    per request); (hidden states after the span, after depth first + capture or None). One function
+    for eager and compiled runs (torch.compile traces the whole span: every layer's norms, rotary and
+    activations fused, one graph per span and batch shape kind)."""
+    captured = None
     for j, offs in enumerate(offsets):
         x, _ = model.forward_stage(first + j, x, batch.cos, batch.sin, attend=attend(batch, kv, offs, gqa))
-    return x
+        if j == capture:
+            captured = x
+    return x, captured
 
 
 class ModelRunner:
@@ -46,6 +50,8 @@ class ModelRunner:
         self.rope = model.rope(torch.arange(model.cfg.max_seq_len, device=self.device), self.dtype)
         self.gqa = model.cfg.n_kv_heads != model.cfg.n_heads
         self.offset = [kv.offset(model.kv_source(d)) for d in range(model.depth)]   # depth -> slot offset
+        self.capture_depth: int | None = None   # a depth whose input hidden states the router reads (set by the engine)
+        self.captured: torch.Tensor | None = None   # ... of the last span that passed it [N, D], else None
         self.num_span_runs = 0
         self._last_batch = None        # (key, PagedBatch) of the last span run, see _batch
         self.num_stage_runs = 0        # stage (layer) runs: a span of n depths counts n
@@ -62,14 +68,24 @@ class ModelRunner:
     @torch.inference_mode()
     def run_span(self, seqs: list[Sequence]) -> None:
         """Run the span every request in `seqs` waits at, advancing each to the next boundary."""
-        batch = self._batch(seqs)
-        x = torch.cat([s.hidden for s in seqs])[None] if len(seqs) > 1 else seqs[0].hidden[None]
         starts = [s.depth for s in seqs]
         n = self.span_len[starts[0]]
+        batch = self._batch(seqs, n)
+        x = torch.cat([s.hidden for s in seqs])[None] if len(seqs) > 1 else seqs[0].hidden[None]
         same = min(starts) == max(starts)
-        offsets = [[self.offset[starts[0] + j]] if same else [self.offset[d + j] for d in starts] for j in range(n)]
-        fused = self.fused.run(batch, x, starts[0], offsets)
-        x = fused if fused is not None else self.forward(self.model, self.kv, batch, x, offsets, starts[0], self.gqa)
+        if self.kv.compact:   # one slot table per depth of the span (recursion_kv.span_view)
+            offsets = [[j] for j in range(n)]
+        else:
+            offsets = [[self.offset[starts[0] + j]] if same else [self.offset[d + j] for d in starts] for j in range(n)]
+        c = self.capture_depth
+        j = c - 1 - starts[0] if c is not None and same and starts[0] < c < starts[0] + n else -1
+        out = torch.empty_like(x) if j >= 0 else None
+        fused = self.fused.run(batch, x, starts[0], offsets, None if out is None else (j, out))
+        if fused is not None:
+            x, self.captured = fused, (None if out is None else out[0])
+        else:
+            x, captured = self.forward(self.model, self.kv, batch, x, offsets, starts[0], self.gqa, j)
+            self.captured = None if captured is None else captured[0]
         for s, h in zip(seqs, x[0].split(batch.sizes) if len(seqs) > 1 else (x[0],)):
             s.hidden = h
             s.depth += n
@@ -77,7 +93,7 @@ class ModelRunner:
         self.num_stage_runs += n
         self.num_stage_tokens += n * batch.num_tokens
 
-    def _batch(self, seqs: list[Sequence]) -> PagedBatch:
+    def _batch(self, seqs: list[Sequence], n: int) -> PagedBatch:
         """The span's attention metadata, reused when the previous span ran the same tokens over the
         same block tables (a token passing an exit it does not take, into the next span): the same
         positions tensors (held by the key, so none is freed and its id reused) and KV version. Not
@@ -87,7 +103,7 @@ class ModelRunner:
         if (last is not None and not self.kv.compact and last[0][0] == key[0] and len(last[0][1]) == len(seqs)
                 and all(a is b for a, b in zip(last[0][1], key[1]))):
             return last[1]
-        batch = PagedBatch(self.model, self.kv, seqs, self.device, self.dtype, self.rope)
+        batch = PagedBatch(self.model, self.kv, seqs, self.device, self.dtype, self.rope, n)
         self._last_batch = (key, batch)
         return batch
 

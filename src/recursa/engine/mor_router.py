@@ -30,6 +30,7 @@ class MoRState:
 class MoRRouting(Router):
     """Per-token recursion depth chosen causally by the model's router."""
     State = MoRState
+    loop_boundaries = False   # its own boundaries: the recursion steps' ends (not the block's entry)
 
     def __init__(self, model, runner: ModelRunner):
         super().__init__(model, runner)
@@ -37,9 +38,12 @@ class MoRRouting(Router):
         self.k, self.n_steps = len(st.shared_layers), st.n_loops
         self.entry, self.end = st.shared[0], st.shared[-1] + 1
         self.outside = len(st.prelude) + len(st.coda)
+        self.capture_depth = self.entry if self.entry > 0 else None
 
     def boundaries(self):
-        return {self.depth} | {self.entry + r * self.k for r in range(self.n_steps + 1)}
+        # no boundary at the shared block's entry: every token runs step 0, so the prelude's span runs
+        # on through step 0, and the runner captures the hidden states at the entry (capture_depth)
+        return {self.depth} | {self.entry + r * self.k for r in range(1, self.n_steps + 1)}
 
     def executed_depth(self, seq):
         return self.outside + self.k * self._of(seq).newest_steps
@@ -56,9 +60,8 @@ class MoRRouting(Router):
             self._route(seqs, 0, entering=True)
 
     def arrive(self, seqs):
-        at_entry = [s for s in seqs if s.depth == self.entry and self._of(s).h_entry is None]
-        if at_entry and self.entry > 0:
-            self._route(at_entry, 0, entering=True)
+        if self.runner.captured is not None:   # a span from depth 0 through step 0: route step 0 at the entry
+            self._route(seqs, 0, self.runner.captured, entering=True)
         ends: dict[int, list[Sequence]] = {}
         for s in seqs:
             r, rem = divmod(s.depth - self.entry, self.k)
@@ -90,27 +93,29 @@ class MoRRouting(Router):
         sizes = [s.n_in_flight for s in seqs]
         go_host = go.cpu()          # positions live on the host, hidden states on the model's device
         everyone = bool(go_host.all())   # the common case (always at step 0): one check, not one per request
+        starts = h.split(sizes)     # each request's hidden states at the step's start (s.hidden, or the entry's)
         if len(sizes) == len(go_host):   # one token each (decode): a request goes on or stops whole
-            for s, keep, w, he in zip(seqs, go_host.tolist(), gate.split(sizes), h_entry.split(sizes)):
+            for s, keep, w, he, hs in zip(seqs, go_host.tolist(), gate.split(sizes), h_entry.split(sizes), starts):
                 st = self._of(s)
                 if keep:
-                    st.h_entry, st.h_start, st.gate = he, s.hidden, w
+                    st.h_entry, st.h_start, st.gate = he, hs, w
                 else:
-                    st.parked.append((s.positions, s.hidden))
+                    st.parked.append((s.positions, hs))
                     s.depth = self.end
                     self._leave_block(s, active=False)
             return
-        for s, g, gh, w, he in zip(seqs, go.split(sizes), go_host.split(sizes), gate.split(sizes), h_entry.split(sizes)):
+        for s, g, gh, w, he, hs in zip(seqs, go.split(sizes), go_host.split(sizes), gate.split(sizes),
+                                       h_entry.split(sizes), starts):
             st = self._of(s)
             if everyone or bool(gh.all()):
-                st.h_entry, st.h_start, st.gate = he, s.hidden, w
+                st.h_entry, st.h_start, st.gate = he, hs, w
                 continue
-            st.parked.append((s.positions[~gh], s.hidden[~g]))
+            st.parked.append((s.positions[~gh], hs[~g]))
             if not bool(gh.any()):      # nothing left to recur: the chunk jumps to the block's end
                 s.depth = self.end
                 self._leave_block(s, active=False)
                 continue
-            s.set_tokens(s.positions[gh], s.hidden[g])
+            s.set_tokens(s.positions[gh], hs[g])
             st.h_entry, st.h_start, st.gate = he[g], s.hidden, w[g]
 
     def _leave_block(self, s: Sequence, active: bool) -> None:

@@ -96,7 +96,8 @@ class RecursionKVCache(KVCacheManager):
         return self.num_blocks * self.block_size * self.entry_bytes
 
     def offset(self, depth: int) -> int:
-        """The depth's layer inside its region (PagedBatch keeps one slot tensor per layer of a span)."""
+        """The depth's layer inside its region (a span's view holds one slot table per depth of it, so
+        the runner addresses them by the depth's index in the span instead)."""
         return self.layer_of[depth]
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -194,24 +195,25 @@ class RecursionKVCache(KVCacheManager):
                 self.free_blocks.extend(reversed(t.units))
             self.version += 1
 
-    def span_view(self, seqs: list[Sequence]):
-        """For a span group (its tokens placed first): slots [L, B, W] of
-        each layer of the span, key positions [B, W] (EMPTY where no entry) and the slots of the
-        in-flight tokens' own entries [L, N] (their table's last entries). Built in numpy: a few
-        dozen small host ops per span, each a tenth of a torch op's dispatch."""
+    def span_view(self, seqs: list[Sequence], n: int):
+        """For a span group of n depths (its tokens placed first): slots [n, B, W] of each depth of the
+        span, key positions [B, W] (EMPTY where no entry) and the slots of the in-flight tokens' own
+        entries [n, N] (their table's last entries). A span may run on from one region into the next
+        where both hold every token (the prelude into recursion step 0: the same entries). Built in
+        numpy: a few dozen small host ops per span, each a tenth of a torch op's dispatch."""
         for s in seqs:
             self.place(s)
         regions = [self.region_of[s.depth] for s in seqs]   # a span group may mix recursion steps
-        width, bs = self.widths[regions[0]], self.block_size
-        tabs = [self.tables[id(s)][r] for s, r in zip(seqs, regions)]
-        counts = np.array([t.count for t in tabs])
-        w = int(counts.max())
-        nb = -(-w // bs)
-        units = np.zeros((len(tabs), nb * width), dtype=np.int64)
-        for row, t in zip(units, tabs):
-            row[:len(t.units)] = t.units
+        bs, d0 = self.block_size, seqs[0].depth
+        counts = [self.tables[id(s)][r].count for s, r in zip(seqs, regions)]
+        w = max(counts)
         e = np.arange(w)
-        slots = np.ascontiguousarray(units.reshape(len(tabs), nb, width).transpose(2, 0, 1)[:, :, e // bs] * bs + e % bs)   # [L, B, W]
+        # per depth of the span: (region after the request's own, layer in it), the same for the group
+        plan = [(self.region_of[d0 + j] - self.region_of[d0], self.layer_of[d0 + j]) for j in range(n)]
+        layers = {delta: self._slots([self.tables[id(s)][r + delta] for s, r in zip(seqs, regions)],
+                                     self.widths[regions[0] + delta], w, e) for delta in {p[0] for p in plan}}
+        slots = np.stack([layers[delta][layer] for delta, layer in plan])                   # [n, B, W]
+        counts = np.array(counts)
         if min(regions) >= self.EAGER:
             keys = self.entry_pos[slots[0]]
         elif max(regions) < self.EAGER:
@@ -226,7 +228,16 @@ class RecursionKVCache(KVCacheManager):
         else:
             ends = np.cumsum(sizes)
             idx = np.repeat(first - ends, sizes) + np.arange(int(ends[-1]))
-        new = slots.reshape(width, -1)[:, idx]
+        new = slots.reshape(n, -1)[:, idx]
         return torch.from_numpy(slots), torch.from_numpy(keys), torch.from_numpy(np.ascontiguousarray(new))
+
+    def _slots(self, tabs: list[RegionTable], width: int, w: int, e: np.ndarray) -> np.ndarray:
+        """Slots [width, B, w] of entries 0..w-1 at every layer of the tables' region (unused: block 0)."""
+        nb = -(-w // self.block_size)
+        units = np.zeros((len(tabs), nb * width), dtype=np.int64)
+        for row, t in zip(units, tabs):
+            row[:len(t.units)] = t.units
+        bs = self.block_size
+        return units.reshape(len(tabs), nb, width).transpose(2, 0, 1)[:, :, e // bs] * bs + e % bs
 
 __all__ = ["RecursionKVCache", "RegionTable", "mor_regions", "EMPTY"]

@@ -22,7 +22,7 @@ _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argume
                  "rope_qk": ([_P] * 4 + [_I64] * 4 + [_I, _I], None),
                  "kv_write": ([_P, _P, _I64, _P, _P, _P] + [_I64] * 8, _I)},
     "decode_span": {"decode_span": ([_P, _P, _I64] + [_P] * 5 + [_I64, _P, _I64, _P, _P, _I64, _I64, _P, _P] + [_I64] * 6
-                                    + [ctypes.c_float] * 2 + [_I, _I], _I)},
+                                    + [ctypes.c_float] * 2 + [_I, _I, _P, _I64], _I)},
     "linear_int4": {"linear_int4": ([_P] * 4 + [_I64] * 3 + [_I, _I], None)},
     "row_max": {"row_max": ([_P] * 3 + [_I64] * 2 + [_I, _I], None)},
     "linear_f32": {"linear_f32": ([_P] * 3 + [_I64] * 3 + [_I], None)},

@@ -20,6 +20,8 @@
    depth's slot offset (a dense cache, every request at the same depth); else layer l reads the
    tables slots + table_index[l] * slot_stride ([M, smax]) and new_slots + table_index[l] * new_stride
    ([M]) as they are (recursion-wise caching's per-layer tables).
+   capture [M, D] (NULL: none) receives x after layer capture_after of the span (a router reads the
+   hidden state at a depth inside the span: Mixture-of-Recursions' shared-block entry).
    Returns 0, -1 (no memory for the scratch buffers), or 10 * layer + 1 (a slot out of range: that
    layer writes nothing, earlier ones have) or + 2 (attention failed). */
 
@@ -72,7 +74,8 @@ int recursa_decode_span(void *const *fn, const int64_t *layers, int64_t L, void 
                         void *k_cache, void *v_cache, int64_t num_slots, const int64_t *slots, int64_t smax,
                         const int64_t *new_slots, const int64_t *table_index, int64_t slot_stride, int64_t new_stride,
                         const int64_t *lens, const int64_t *rows, int64_t M, int64_t D, int64_t H, int64_t Hkv,
-                        int64_t hd, int64_t F, float eps, float scale, int bf16, int threads) {
+                        int64_t hd, int64_t F, float eps, float scale, int bf16, int threads, void *capture,
+                        int64_t capture_after) {
     const int64_t e = bf16 ? 2 : 4, Nqkv = (H + 2 * Hkv) * hd, Hq = H * hd;
     /* scratch: h [M, D], qkv [M, Nqkv], qk [H + Hkv, M, hd], q [M, H, hd], attn [M, Hq], o [M, D],
        gate_up [M, 2F], act [M, F]; one allocation, each part on a cache line */
@@ -112,6 +115,7 @@ int recursa_decode_span(void *const *fn, const int64_t *layers, int64_t L, void 
         ((silu_mul_t)fn[SILU_MUL])(gu, act, M, F, bf16, threads);
         project(fn, lw + 3 + 3 * PROJ_WORDS, act, o, M, F, threads);
         add_into(x, o, M * D, bf16);
+        if (capture && l == capture_after) memcpy(capture, x, (size_t)(M * D * e));
     }
     free(scratch);
     return status;
