@@ -52,6 +52,7 @@ class ModelRunner:
         self.offset = [kv.offset(model.kv_source(d)) for d in range(model.depth)]   # depth -> slot offset
         self.capture_depth: int | None = None   # a depth whose input hidden states the router reads (set by the engine)
         self.captured: torch.Tensor | None = None   # ... of the last span that passed it [N, D], else None
+        self.output: torch.Tensor | None = None     # the last span's output hidden states [N, D]
         self.num_span_runs = 0
         self._last_batch = None        # (key, PagedBatch) of the last span run, see _batch
         self.num_stage_runs = 0        # stage (layer) runs: a span of n depths counts n
@@ -86,6 +87,7 @@ class ModelRunner:
         else:
             x, captured = self.forward(self.model, self.kv, batch, x, offsets, starts[0], self.gqa, j)
             self.captured = None if captured is None else captured[0]
+        self.output = x[0]   # [N, D] in the group's order (a router may take it whole, not per request)
         for s, h in zip(seqs, x[0].split(batch.sizes) if len(seqs) > 1 else (x[0],)):
             s.hidden = h
             s.depth += n

@@ -17,14 +17,40 @@ from recursa.engine.model_runner import ModelRunner
 from recursa.engine.sequence import Sequence
 
 
+class Routed:
+    """One routing call's tensors for the tokens it sent on: hidden states at the shared block's
+    entry and at the step's start [N, D], and their gates [N, 1]. A request's tokens are rows
+    row .. row + n of them (MoRState), so a group that arrives as it was routed gathers nothing."""
+    __slots__ = ("h_entry", "h_start", "gate")
+
+    def __init__(self, h_entry: torch.Tensor, h_start: torch.Tensor, gate: torch.Tensor):
+        self.h_entry, self.h_start, self.gate = h_entry, h_start, gate
+
+
 @dataclass
 class MoRState:
-    h_entry: torch.Tensor | None = None     # in-flight tokens' hidden state at the shared block's entry
-    h_start: torch.Tensor | None = None     # ... at the start of the current recursion step
-    gate: torch.Tensor | None = None        # ... their gates for this step
+    routed: Routed | None = None            # where the in-flight tokens' routing tensors are (None: not in the block)
+    row: int = 0                            # ... their first row there
     parked: list = field(default_factory=list)       # (positions, hidden) of tokens that stopped early
     route_log: list = field(default_factory=list)    # (positions, steps run): see `steps_run`
     newest_steps: int = 0                   # recursion steps of the newest token
+
+
+def gather(seqs: list[Sequence], states: list[MoRState], names=Routed.__slots__) -> list[torch.Tensor]:
+    """The Routed tensors `names` of the requests' in-flight tokens, concatenated in order: the
+    routing call's own where the requests are all of its rows in order (the usual case at step 0),
+    its rows where they come from one call (some of its requests stopped), else each request's rows."""
+    first, at, one = states[0].routed, 0, True
+    for s, st in zip(seqs, states):
+        one = one and st.routed is first
+        at = at + s.n_in_flight if at == st.row else -1
+    if one and at == len(first.gate):
+        return [getattr(first, name) for name in names]
+    if one:
+        idx = torch.tensor([st.row + i for s, st in zip(seqs, states) for i in range(s.n_in_flight)])
+        return [getattr(first, name).index_select(0, idx) for name in names]
+    rows = [(st.routed, st.row, st.row + s.n_in_flight) for s, st in zip(seqs, states)]
+    return [torch.cat([getattr(r, name)[a:b] for r, a, b in rows]) for name in names]
 
 
 class MoRRouting(Router):
@@ -65,12 +91,14 @@ class MoRRouting(Router):
         ends: dict[int, list[Sequence]] = {}
         for s in seqs:
             r, rem = divmod(s.depth - self.entry, self.k)
-            if rem == 0 and 1 <= r <= self.n_steps and self._of(s).h_entry is not None:
+            if rem == 0 and 1 <= r <= self.n_steps and self._of(s).routed is not None:
                 ends.setdefault(r, []).append(s)
         for r, group in sorted(ends.items()):
             states = [self._of(s) for s in group]   # step r-1 ends: gate its residual branch, the
-            h = self.model.mor_update(*(torch.cat(t) for t in zip(*[(st.h_start, s.hidden, st.gate) for s, st
-                                      in zip(group, states)])))    # group's tokens in one (elementwise) update
+            h_start, gate = gather(group, states, ("h_start", "gate"))   # group's tokens in one (elementwise) update
+            whole = len(ends) == 1 and len(group) == len(seqs)   # the span's own output, in its order
+            h_end = self.runner.output if whole else torch.cat([s.hidden for s in group])
+            h = self.model.mor_update(h_start, h_end, gate)
             for s, st, h_s in zip(group, states, h.split([s.n_in_flight for s in group])):
                 s.hidden = h_s
                 st.route_log.append((s.positions, r))
@@ -87,36 +115,37 @@ class MoRRouting(Router):
     def _route(self, seqs: list[Sequence], step: int, h: torch.Tensor | None = None, entering: bool = False) -> None:
         """Route seqs' in-flight tokens at the start of `step` (h: their hidden states, concatenated)."""
         h = torch.cat([s.hidden for s in seqs]) if h is None else h
-        h_entry = h if entering else torch.cat([self._of(s).h_entry for s in seqs])
+        h_entry = h if entering else gather(seqs, [self._of(s) for s in seqs], ("h_entry",))[0]
         with torch.inference_mode():
             go, gate = self.model.mor_route(step, h, h_entry)
         sizes = [s.n_in_flight for s in seqs]
         go_host = go.cpu()          # positions live on the host, hidden states on the model's device
-        everyone = bool(go_host.all())   # the common case (always at step 0): one check, not one per request
-        starts = h.split(sizes)     # each request's hidden states at the step's start (s.hidden, or the entry's)
+        routed = Routed(h_entry, h, gate)
         if len(sizes) == len(go_host):   # one token each (decode): a request goes on or stops whole
-            for s, keep, w, he, hs in zip(seqs, go_host.tolist(), gate.split(sizes), h_entry.split(sizes), starts):
+            for i, (s, keep) in enumerate(zip(seqs, go_host.tolist())):
                 st = self._of(s)
                 if keep:
-                    st.h_entry, st.h_start, st.gate = he, hs, w
-                else:
-                    st.parked.append((s.positions, hs))
+                    st.routed, st.row = routed, i
+                else:   # waits at the block's end with its hidden state at this step's start
+                    st.parked.append((s.positions, h[i:i + 1]))
                     s.depth = self.end
                     self._leave_block(s, active=False)
             return
-        for s, g, gh, w, he, hs in zip(seqs, go.split(sizes), go_host.split(sizes), gate.split(sizes),
-                                       h_entry.split(sizes), starts):
-            st = self._of(s)
+        everyone, row = bool(go_host.all()), 0   # everyone: the common case (always at step 0), one check
+        for s, n in zip(seqs, sizes):
+            st, hs, gh = self._of(s), h[row:row + n], go_host[row:row + n]
             if everyone or bool(gh.all()):
-                st.h_entry, st.h_start, st.gate = he, hs, w
-                continue
-            st.parked.append((s.positions[~gh], hs[~g]))
-            if not bool(gh.any()):      # nothing left to recur: the chunk jumps to the block's end
+                st.routed, st.row = routed, row
+            elif not bool(gh.any()):      # nothing left to recur: the chunk jumps to the block's end
+                st.parked.append((s.positions, hs))
                 s.depth = self.end
                 self._leave_block(s, active=False)
-                continue
-            s.set_tokens(s.positions[gh], hs[g])
-            st.h_entry, st.h_start, st.gate = he[g], s.hidden, w[g]
+            else:
+                g = go[row:row + n]
+                st.parked.append((s.positions[~gh], hs[~g]))
+                s.set_tokens(s.positions[gh], hs[g])
+                st.routed, st.row = Routed(h_entry[row:row + n][g], s.hidden, gate[row:row + n][g]), 0
+            row += n
 
     def _leave_block(self, s: Sequence, active: bool) -> None:
         """The whole chunk is at the shared block's end: parked and active tokens rejoin in position order."""
@@ -130,7 +159,7 @@ class MoRRouting(Router):
         else:
             s.set_tokens(*parts[0])
         st.parked = []
-        st.h_entry = st.h_start = st.gate = None
+        st.routed = None
 
 
-__all__ = ["MoRRouting", "MoRState"]
+__all__ = ["MoRRouting", "MoRState", "Routed", "gather"]
