@@ -201,9 +201,10 @@ class RecursionKVCache(KVCacheManager):
         entries [n, N] (their table's last entries). A span may run on from one region into the next
         where both hold every token (the prelude into recursion step 0: the same entries). Built in
         numpy: a few dozen small host ops per span, each a tenth of a torch op's dispatch."""
-        for s in seqs:
-            self.place(s)
         regions = [self.region_of[s.depth] for s in seqs]   # a span group may mix recursion steps
+        for s, r in zip(seqs, regions):
+            if r < self.EAGER or self.tables[id(s)][r].chunk != s.chunk_start:   # (else placed already)
+                self.place(s)
         bs, d0 = self.block_size, seqs[0].depth
         counts = [self.tables[id(s)][r].count for s, r in zip(seqs, regions)]
         w = max(counts)

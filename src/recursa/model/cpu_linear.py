@@ -89,6 +89,13 @@ def use_cpu_kernels_(model) -> int:
             if type(child) is nn.Linear and _fits(child.weight):
                 setattr(module, name, CPULinear.of(child.weight, child.bias))
                 swapped += 1
+    # MoR routers' scorers in bf16 (oneDNN's small-matmul setup costs ~4x the AMX tile call; in fp32
+    # F.linear's is already faster than the packed kernel at one output)
+    for module in list(model.router.modules()) if model.router is not None else []:
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and _fits(child.weight):
+                setattr(module, name, CPULinear.of(child.weight, child.bias))
+                swapped += 1
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     if (model.lm_head is None or type(model.lm_head) is nn.Linear) and _fits(head):
         model.lm_head = CPULinear.of(head, None if model.lm_head is None else model.lm_head.bias)
