@@ -41,12 +41,13 @@ EMPTY = 2**62   # the position of no entry: no query sees it
 
 class RegionTable:
     """One request's entries in one region: L layer blocks per block of entries, and their count."""
-    __slots__ = ("units", "count", "chunk")
+    __slots__ = ("units", "count", "chunk", "row")
 
-    def __init__(self):
+    def __init__(self, row: int = -1):
         self.units: list[int] = []   # layer blocks, L per block of entries (block-major)
         self.count = 0               # entries held
         self.chunk = -1              # chunk_start of the chunk whose tokens were placed last (lazy regions)
+        self.row = row               # its row of the manager's unit_rows (the units as one numpy row), -1: none
 
 
 def mor_regions(model) -> list[list[int]]:
@@ -79,6 +80,8 @@ class RecursionKVCache(KVCacheManager):
         self._init_pool(self.num_blocks * block_size, n_kv_heads, head_dim, dtype, device)
         self.entry_pos = np.full(self.num_blocks * block_size, EMPTY, dtype=np.int64)   # host
         self.tables: dict[int, list[RegionTable]] = {}   # id(seq) -> one table per region
+        self.unit_rows = np.zeros((0, 0), dtype=np.int64)   # row per held table: its units (a span's view gathers rows)
+        self.free_rows: list[int] = []
         self.promise: dict[int, int] = {}   # id(seq) -> layer blocks its chunk may still take in steps >= 1
         self.promised = 0                   # their sum: never more than the free blocks
         self.region_entries = [0] * len(regions)    # entries appended per region over the engine's life
@@ -107,8 +110,15 @@ class RecursionKVCache(KVCacheManager):
     def _tables(self, seq: Sequence) -> list[RegionTable]:
         tabs = self.tables.get(id(seq))
         if tabs is None:
-            tabs = self.tables[id(seq)] = [RegionTable() for _ in self.widths]
+            tabs = self.tables[id(seq)] = [RegionTable(self._row()) for _ in self.widths]
         return tabs
+
+    def _row(self) -> int:
+        if not self.free_rows:   # double the rows
+            n = len(self.unit_rows)
+            self.unit_rows = np.concatenate([self.unit_rows, np.zeros((max(n, 16), self.unit_rows.shape[1]), np.int64)])
+            self.free_rows = list(range(len(self.unit_rows) - 1, n - 1, -1))
+        return self.free_rows.pop()
 
     def _grow(self, tab: RegionTable, width: int, count: int) -> int:
         """Layer blocks tab needs to hold count entries."""
@@ -173,6 +183,10 @@ class RecursionKVCache(KVCacheManager):
                 raise RuntimeError(f"KV region {region} grows by {need} blocks, {len(self.free_blocks)} free")
             if need:
                 tab.units.extend(self.free_blocks.pop() for _ in range(need))
+                if len(tab.units) > self.unit_rows.shape[1]:   # widen (doubling) to the longest table
+                    extra = max(len(tab.units) - self.unit_rows.shape[1], self.unit_rows.shape[1])
+                    self.unit_rows = np.pad(self.unit_rows, ((0, 0), (0, extra)))
+                self.unit_rows[tab.row, len(tab.units) - need:len(tab.units)] = tab.units[-need:]
                 self.reserved_bytes += need * self.block_size * self.entry_bytes
                 self.region_reserved[region] += need * self.block_size * self.entry_bytes
                 self.version += 1
@@ -190,6 +204,9 @@ class RecursionKVCache(KVCacheManager):
         self._set_promise(seq, 0)
         del self.promise[id(seq)]
         tabs = self.tables.pop(id(seq), None)
+        for t in tabs or []:
+            self.unit_rows[t.row] = 0
+            self.free_rows.append(t.row)
         if tabs and any(t.units for t in tabs):
             for t in tabs:
                 self.free_blocks.extend(reversed(t.units))
@@ -235,9 +252,7 @@ class RecursionKVCache(KVCacheManager):
     def _slots(self, tabs: list[RegionTable], width: int, w: int, e: np.ndarray) -> np.ndarray:
         """Slots [width, B, w] of entries 0..w-1 at every layer of the tables' region (unused: block 0)."""
         nb = -(-w // self.block_size)
-        units = np.zeros((len(tabs), nb * width), dtype=np.int64)
-        for row, t in zip(units, tabs):
-            row[:len(t.units)] = t.units
+        units = self.unit_rows[[t.row for t in tabs], :nb * width]   # past a table's own units: block 0
         bs = self.block_size
         return units.reshape(len(tabs), nb, width).transpose(2, 0, 1)[:, :, e // bs] * bs + e % bs
 
