@@ -93,6 +93,18 @@ def test_engine_mor_equals_full_forward(router, kv, sharing):
     assert outputs["depthwise"] == outputs["synchronous"]
 
 
+@pytest.mark.parametrize("router,kv,sharing", [("expert", "recursion", "middle_cycle"), ("token", "recursion", "cycle"),
+                                                ("expert", "share", "middle_cycle")])
+def test_engine_mor_equals_full_forward_through_padded_attention(router, kv, sharing, monkeypatch):
+    """The same with every chunk through the padded attention (SDPA over gathered keys), the path
+    long prefill chunks take; the in-place kernel reads the short ones above."""
+    from recursa.engine import attention
+
+    monkeypatch.setattr(attention, "IN_PLACE_CHUNK", 0)
+    monkeypatch.setattr(attention, "IN_PLACE_WORK", 0)
+    test_engine_mor_equals_full_forward(router, kv, sharing)
+
+
 def test_engine_mor_kv_memory():
     """KV sharing reserves one cache layer per unique shared layer; recursion-wise caching writes
     entries only for the tokens that ran a step (fewer than full depth)."""

@@ -230,7 +230,7 @@ class RecursionKVCache(KVCacheManager):
         plan = [(self.region_of[d0 + j] - self.region_of[d0], self.layer_of[d0 + j]) for j in range(n)]
         layers = {delta: self._slots([self.tables[id(s)][r + delta] for s, r in zip(seqs, regions)],
                                      self.widths[regions[0] + delta], w, e) for delta in {p[0] for p in plan}}
-        slots = np.stack([layers[delta][layer] for delta, layer in plan])                   # [n, B, W]
+        slots = np.ascontiguousarray(np.stack([layers[delta][layer] for delta, layer in plan]))   # [n, B, W]
         counts = np.array(counts)
         if min(regions) >= self.EAGER:
             keys = self.entry_pos[slots[0]]
