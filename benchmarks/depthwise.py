@@ -132,7 +132,7 @@ def main() -> None:
     if args.exit_threshold is not None:
         spec = ExitSpec.from_config(model.cfg)
         if not spec.depths and model.cfg.sharing in ("cycle", "middle_cycle"):   # recursive: exit at loop ends
-            spec = ExitSpec(model.structure().loop_ends[:-1])
+            spec = ExitSpec(tuple(e + 1 for e in model.structure().loop_ends[:-1]))   # after the loop's last depth
         measure = args.exit_measure
         if measure == "classifier":   # the learned one (recursa train-exit-classifier), saved beside the model
             from recursa.model.exit_classifier import load_exit_classifier

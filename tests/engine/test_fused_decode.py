@@ -36,6 +36,7 @@ def _replaying(llm):
     runner, fused = llm.runner, llm.runner.fused
     run, calls = fused.run, []
     captures = llm.captures = []   # capture index of each fused call that captured
+    mixed = llm.mixed = []         # per fused call: did its requests sit at different depths
 
     def checked(batch, x, first, offsets, capture=None):
         kv = runner.kv
@@ -54,6 +55,7 @@ def _replaying(llm):
             captures.append(capture[0])
         assert torch.equal(kv.k, k1) and torch.equal(kv.v, v1), "cache writes differ"
         calls.append((x.shape[1], len(offsets), max(batch.sizes)))
+        mixed.append(any(len(o) > 1 for o in offsets))
         return out
 
     fused.run = checked
@@ -96,6 +98,29 @@ def test_mor_spans_fuse_with_the_eager_bits(name):
     calls = _replaying(llm)
     llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     assert any(per_request > 1 for _, _, per_request in calls), calls
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.004])   # every token exits at the first loop end; some do
+def test_recursive_spans_mixing_loops_fuse_with_the_eager_bits(threshold):
+    """A recursive model with exits at its loop ends, under depth-wise batching over the dense cache:
+    requests at different loops of the shared block run one span, each depth reading its own cache
+    layer per request (parallel decoding's catch-up puts them there)."""
+    from recursa.engine.exit_policy import ExitPolicy
+    from recursa.engine.thresholds import Fixed
+    from recursa.model.exits import ExitSpec
+
+    torch.manual_seed(5)
+    model = Decoder(preset("tiny", n_layers=6, sharing="cycle", n_loops=3)).eval()
+    loop_ends = [d + 1 for d in model.structure().loop_ends[:-1]]   # exits after each loop's last depth
+    policy = ExitPolicy(ExitSpec(loop_ends), "max_prob", Fixed(threshold))
+    llm = recursa.LLM(model, dtype="float32", kv_cache_memory=2**22, max_num_seqs=8, max_num_batched_tokens=8,
+                      exit_policy=policy)
+    calls = _replaying(llm)
+    prompts = [[3 + i] * (2 + 3 * i) for i in range(6)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert all(len(o.token_ids) == 10 for o in outs)
+    assert any(m and layers == 2 for m, (_, layers, _) in zip(llm.mixed, calls)), \
+        "the test needs requests at different loops in one fused span of a whole loop"
 
 
 def test_bf16_gemv_spans_fuse_with_the_eager_bits():

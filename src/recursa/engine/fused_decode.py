@@ -13,8 +13,8 @@ same roundings, so the hidden states and the cache come out with the same bits a
 (tests/engine/test_fused_decode.py).
 
 It runs a span when its tokens attend in place (`PagedBatch.in_place`): over a dense cache
-with every request at one depth, or over recursion-wise caching's compact tables at any mix of
-depths; each layer is a plain fused `Block` (no LoRA adapters, its own keys/values) whose
+(requests at different loops of a shared block read per-depth slot tables, shifted per request),
+or over recursion-wise caching's compact tables, at any mix of depths; each layer is a plain fused `Block` (no LoRA adapters, its own keys/values) whose
 projections at this many rows take one of the C matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX
 tiles, the int4 GEMV, the packed fp32 GEMM/GEMV). Anything else (bf16 past 128 rows, which
 oneDNN serves) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns
@@ -107,11 +107,9 @@ class FusedDecode:
             capture: tuple[int, torch.Tensor] | None = None) -> torch.Tensor | None:
         """x [1, M, D] (M tokens) after the span's depths first .. first + len(offsets) - 1 (a new tensor), or None
         where it cannot run. offsets[j]: the slot offset of depth first + j's cache layer, one for
-        all requests or one per request (requests at different loops of a shared block: fused only
-        under recursion-wise caching, whose per-layer tables already hold each request's slots).
+        all requests or one per request (requests at different loops of a shared block).
         capture (j, out): out [1, M, D] receives the hidden states after depth first + j."""
-        if not (self.enabled and batch.in_place and x.dtype == self.dtype
-                and (batch.per_layer or all(len(o) == 1 for o in offsets))):   # dense: one depth for all
+        if not (self.enabled and batch.in_place and x.dtype == self.dtype):
             return None
         rows, n = x.shape[1], len(offsets)
         table = self.plan(first, n, rows)
@@ -146,4 +144,8 @@ class FusedDecode:
             slots, new = batch.slots.contiguous(), batch.new_slots.contiguous()
             index = torch.tensor([o[0] for o in offsets], dtype=torch.int64)
             return slots, new, index, slots[0].numel(), new.shape[-1]
+        if any(len(o) > 1 for o in offsets):   # dense, requests at different loops: each depth's own tables
+            pairs = [batch.shifted(o) for o in offsets]
+            slots, new = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            return slots, new, torch.arange(len(offsets)), slots[0].numel(), new.shape[-1]
         return batch.slots.contiguous(), batch.new_slots.contiguous(), None, 0, 0   # + each layer's offset
