@@ -17,8 +17,9 @@ outputs are what `step()` returns.
 
 Spans: the depths are cut at *boundaries* — depth 0, the model's end, the router's decision
 depths (exits, recursion-step ends) and the entries of a shared block's loops (where tokens of
-other loops join: continuous depth-wise batching) — and one step runs a whole span. A vanilla
-model is one span: one Python step per token round, as in nano-vllm.
+other loops join: continuous depth-wise batching; a MoR router keeps only its steps' ends, so the
+prelude's span runs on through step 0, which every token runs) — and one step runs a whole span.
+A vanilla model is one span: one Python step per token round, as in nano-vllm.
 """
 from __future__ import annotations
 
