@@ -222,7 +222,7 @@ class RecursionKVCache(KVCacheManager):
         for s, r in zip(seqs, regions):
             if r < self.EAGER or self.tables[id(s)][r].chunk != s.chunk_start:   # (else placed already)
                 self.place(s)
-        bs, d0 = self.block_size, seqs[0].depth
+        d0 = seqs[0].depth
         counts = [self.tables[id(s)][r].count for s, r in zip(seqs, regions)]
         w = max(counts)
         e = np.arange(w)

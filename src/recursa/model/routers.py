@@ -20,7 +20,6 @@ Every decision is per token (nothing mixes tokens), so the engine can route any 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from recursa.config import MOR_GATES, ModelConfig
