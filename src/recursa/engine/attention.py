@@ -34,9 +34,9 @@ IN_PLACE_WORK = 32768   # past that, while (tokens per request) x keys stays wit
 class PagedBatch:
     """Positions, rope, padding, mask and cache-layer-0 slots for one set of in-flight tokens."""
 
-    def __init__(self, model, kv: KVCacheManager, seqs: list[Sequence], device, dtype, rope=None, depths: int = 1):
-        """rope: (cos, sin) [1, max_len, hd] of every position (ModelRunner's table), else computed here;
-        depths: the span's (recursion-wise caching keeps a slot table per depth of the span)."""
+    def __init__(self, model, kv: KVCacheManager, seqs: list[Sequence], device, dtype, rope, depths: int):
+        """rope: (cos, sin) [1, max_len, hd] of every position (ModelRunner's table); depths: the
+        span's (recursion-wise caching keeps a slot table per depth of the span)."""
         self.sizes = [s.n_in_flight for s in seqs]
         self.num_tokens = sum(self.sizes)
         tmax = max(self.sizes)
@@ -84,10 +84,7 @@ class PagedBatch:
             self.unpad = valid.view(-1).nonzero()[:, 0].to(device)                 # flat (b, t) of each token
         # [B, 1, Tmax, Smax]; a lone decode token sees every cached key: no mask at all
         self.mask = None if self.in_place or self.decode and len(seqs) == 1 else mask.view(len(seqs), 1, -1, kv_len).to(device)
-        if rope is not None:
-            cos, sin = rope[0][:, packed], rope[1][:, packed]                     # [1, N, hd]
-        else:
-            cos, sin = model.rope(packed.to(device), dtype)
+        cos, sin = rope[0][:, packed], rope[1][:, packed]                         # [1, N, hd]
         self.cos, self.sin = cos[:, None], sin[:, None]                           # [1, 1, N, hd]: every layer's shape
         self.slots, self.new_slots = slots.to(device), self.new_slots.to(device)
         self.device = device

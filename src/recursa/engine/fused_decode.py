@@ -13,9 +13,9 @@ same roundings, so the hidden states and the cache come out with the same bits a
 (tests/engine/test_fused_decode.py).
 
 It runs a span when its tokens attend in place (`PagedBatch.in_place`): over a dense cache
-(requests at different loops of a shared block read per-depth slot tables, shifted per request),
-or over recursion-wise caching's compact tables, at any mix of depths; each layer is a plain fused `Block` (no LoRA adapters, its own keys/values) whose
-projections at this many rows take one of the C matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX
+(requests at different loops of a shared block read per-depth slot tables, shifted per request)
+or over recursion-wise caching's compact tables, at any mix of depths; each layer is a plain
+fused `Block` (no LoRA adapters, its own keys/values) whose projections at this many rows take one of the C matmuls (bf16 AMX tiles or GEMV, int8/int4 AMX
 tiles, the int4 GEMV, the packed fp32 GEMM/GEMV). Anything else (bf16 past 128 rows, which
 oneDNN serves) keeps the layer-by-layer path. RECURSA_FUSED_DECODE=0 turns
 it off.

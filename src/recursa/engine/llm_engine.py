@@ -62,7 +62,6 @@ def span_boundaries(model: Decoder, router: Router) -> list[int]:
     return sorted({0, model.depth} | router.boundaries() | loops)
 
 
-
 def make_router(model, runner: ModelRunner, exit_policy: ExitPolicy | None = None, exit_router=None) -> Router:
     """The router for `model`'s family (an exit policy turns on early exit; `exit_router(model, runner,
     policy)` builds its strategy's router, default EarlyExit: parallel decoding)."""
@@ -73,6 +72,7 @@ def make_router(model, runner: ModelRunner, exit_policy: ExitPolicy | None = Non
     if exit_policy is not None:
         return (exit_router or EarlyExit)(model, runner, exit_policy)
     return Router(model, runner)
+
 
 class LLMEngine:
     def __init__(self, model: Decoder, tokenizer=None, config: EngineConfig | None = None, exit_policy=None):

@@ -83,10 +83,10 @@ class ModelRunner:
         out = torch.empty_like(x) if j >= 0 else None
         fused = self.fused.run(batch, x, starts[0], offsets, None if out is None else (j, out))
         if fused is not None:
-            x, self.captured = fused, (None if out is None else out[0])
+            x, captured = fused, out
         else:
             x, captured = self.forward(self.model, self.kv, batch, x, offsets, starts[0], self.gqa, j)
-            self.captured = None if captured is None else captured[0]
+        self.captured = None if captured is None else captured[0]
         self.output = x[0]   # [N, D] in the group's order (a router may take it whole, not per request)
         for s, h in zip(seqs, x[0].split(batch.sizes) if len(seqs) > 1 else (x[0],)):
             s.hidden = h

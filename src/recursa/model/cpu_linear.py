@@ -81,21 +81,23 @@ def _fits(w: torch.Tensor) -> bool:
     return kernels.supports(w) if w.dtype == torch.bfloat16 else w.dtype == torch.float32
 
 
+def _swap_linears(root: nn.Module, fits) -> int:
+    """Replace every plain nn.Linear under root whose weight `fits` by a CPULinear; how many."""
+    swapped = 0
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and fits(child.weight):
+                setattr(module, name, CPULinear.of(child.weight, child.bias))
+                swapped += 1
+    return swapped
+
+
 def use_cpu_kernels_(model) -> int:
     """Route `model`'s projections (and a tied LM head) through CPULinear; returns how many."""
-    swapped = 0
-    for module in list(model.layers.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and _fits(child.weight):
-                setattr(module, name, CPULinear.of(child.weight, child.bias))
-                swapped += 1
-    # MoR routers' scorers in bf16 (oneDNN's small-matmul setup costs ~4x the AMX tile call; in fp32
-    # F.linear's is already faster than the packed kernel at one output)
-    for module in list(model.router.modules()) if model.router is not None else []:
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and _fits(child.weight):
-                setattr(module, name, CPULinear.of(child.weight, child.bias))
-                swapped += 1
+    swapped = _swap_linears(model.layers, _fits)
+    if model.router is not None:   # MoR routers' scorers in bf16 (oneDNN's small-matmul setup costs ~4x the
+        # AMX tile call; in fp32 F.linear is already faster than the packed kernel at one output)
+        swapped += _swap_linears(model.router, lambda w: w.dtype == torch.bfloat16 and _fits(w))
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     if (model.lm_head is None or type(model.lm_head) is nn.Linear) and _fits(head):
         model.lm_head = CPULinear.of(head, None if model.lm_head is None else model.lm_head.bias)
