@@ -4,7 +4,8 @@
 # SmolLM2-135M (offline, from PyPI), evaluate it on HellaSwag, chat with it, and time it in fp32 and
 # int4 next to HF generate (with each precision's perplexity); then train a small
 # Mixture-of-Recursions model and serve it and the vanilla one through the engine side by side
-# (depth-wise vs synchronous batching), saving a histogram of per-token depths.
+# (depth-wise vs synchronous batching), saving a histogram of per-token depths; last, serve the small
+# model with early exit (parallel decoding, self-speculation) next to full depth.
 #   DEMO_STEPS=200 (training steps: ~4 min on 2 idle cores; a step budget keeps the result the same
 #   on a busy machine, only slower)   DEMO_LIMIT=300 (HellaSwag items)
 # Re-running skips what is already built (delete runs/demo-small to retrain).
@@ -19,12 +20,13 @@ step() { printf '\n\033[1m== %s ==\033[0m\n' "$*"; }
 step "1. corpus: State of the Union, Brown, Moby-Dick, Shakespeare -> 8k BPE -> packed memmaps"
 $R data prepare --out data/corpus
 
-step "2. train the small preset (~13M params) for ${STEPS} steps (~4 minutes) on CPU"
-if [ -f runs/demo-small/model/model.safetensors ]; then
+step "2. train the small preset (~13M params, exits after layers 2 and 4) for ${STEPS} steps (~4 minutes) on CPU"
+if [ -f runs/demo-small/model/model.safetensors ] && grep -q '"exit_depths": \[2' runs/demo-small/model/config.json; then
   echo "runs/demo-small/model exists; skipping training"
 else
   $R train --preset small --data data/corpus --out runs/demo-small --max-steps "$STEPS" \
-    --seq-len 256 --batch-size 8 --lr 2e-3 --eval-every 50 --eval-batches 4
+    --seq-len 256 --batch-size 8 --lr 2e-3 --eval-every 50 --eval-batches 4 \
+    --exit-depths 2,4 --exit-weight 0.3 --exit-kd-weight 0.1 --layer-drop 0.1
 fi
 .venv/bin/python - <<'PY'
 import json
@@ -59,3 +61,10 @@ fi
 step "7. serve it through the engine: depth-wise vs synchronous batching vs vanilla models"
 .venv/bin/python benchmarks/depthwise.py --model runs/demo-mor/model --vanilla runs/demo-small/model \
   --requests 128 --new-tokens 32 --max-num-batched-tokens 32 --histogram runs/demo-mor/depths.png
+
+step "8. early exit on the small model: parallel decoding and lossless self-speculation next to full depth"
+# the exit threshold is calibrated so that >= 95% of tokens agree with full depth (bound at 95% confidence,
+# held-out check printed); saturation decides without the LM head; batch 1 and 16 requests at once
+.venv/bin/python benchmarks/early_exit.py --model runs/demo-small/model --measure saturation \
+  --target-agreement 0.95 --calibration-data data/corpus --strategies parallel,speculative \
+  --concurrency 1,16 --max-new 48 --threads 1
