@@ -21,7 +21,8 @@ step "1. corpus: State of the Union, Brown, Moby-Dick, Shakespeare -> 8k BPE -> 
 $R data prepare --out data/corpus
 
 step "2. train the small preset (~13M params, exits after layers 2 and 4) for ${STEPS} steps (~4 minutes) on CPU"
-if [ -f runs/demo-small/model/model.safetensors ] && grep -q '"exit_depths": \[2' runs/demo-small/model/config.json; then
+has_exits() { .venv/bin/python -c 'import json, sys; sys.exit(not json.load(open(sys.argv[1])).get("exit_depths"))' "$1"; }
+if [ -f runs/demo-small/model/model.safetensors ] && has_exits runs/demo-small/model/config.json; then
   echo "runs/demo-small/model exists; skipping training"
 else
   $R train --preset small --data data/corpus --out runs/demo-small --max-steps "$STEPS" \

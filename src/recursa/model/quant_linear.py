@@ -19,11 +19,14 @@ bf16 activations and scales: scales are stored in bf16 and other activations are
 The int4 CPU kernel's weight layout (torch 2.13, read back in tests/model/test_quant.py):
 `_convert_weight_to_int4pack_for_cpu(q int32 [N, K], 1)` -> uint8 [N, K/2] holding blocks of
 64 output rows; in block b, byte (k, j) has row 64b+j in its low nibble and row 64b+j+32 in its
-high one. The matching scales_and_zeros is [K/group, N, 2] with (scale, zero) where the kernel
+high one. That is torch's layout on an AVX-512 CPU; on one without AVX-512 (AVX2) its blocks hold
+32 rows instead, so `unpack_int4` reads the block size off torch once (`int4_layout_block`). The matching scales_and_zeros is [K/group, N, 2] with (scale, zero) where the kernel
 computes w = (q - 8) * scale + zero, i.e. zero = minimum + 8 * scale. N is padded to a multiple
 of 64 so that layout holds for every row (the padded rows' outputs are cut off).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -113,13 +116,29 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
 
 
+@functools.cache
+def int4_layout_block() -> int:
+    """Output rows per block of torch's int4 CPU layout on this CPU (64 with AVX-512, 32 without):
+    the block size under which a packed probe unpacks back to itself."""
+    rows = torch.arange(INT4_BLOCK_N, dtype=torch.uint8)
+    probe = torch.stack((rows % 16, rows // 16), dim=1)     # every row distinct
+    packed = pack_int4(probe)
+    for block in (INT4_BLOCK_N, INT4_BLOCK_N // 2):
+        if torch.equal(_unpack(packed, block), probe):
+            return block
+    raise RecursaError("torch's int4 CPU weight layout is not one recursa knows (blocks of 64 or 32 rows)")
+
+
+def _unpack(packed: torch.Tensor, block: int) -> torch.Tensor:
+    Np, K2 = packed.shape
+    v = packed.reshape(Np // block, 2 * K2, block // 2)             # [block, k, j]
+    q = torch.cat((v & 15, v >> 4), dim=-1)                          # [block, k, rows of the block]
+    return q.transpose(1, 2).reshape(Np, 2 * K2)
+
+
 def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of pack_int4: uint8 [N', K/2] -> q uint8 [n, K] (see the module docstring)."""
-    Np, K2 = packed.shape
-    half = INT4_BLOCK_N // 2
-    v = packed.reshape(Np // INT4_BLOCK_N, 2 * K2, half)           # [block, k, j]
-    q = torch.cat((v & 15, v >> 4), dim=-1)                          # [block, k, 64]
-    return q.transpose(1, 2).reshape(Np, 2 * K2)[:n]
+    return _unpack(packed, int4_layout_block())[:n]
 
 
 class Int4Linear(nn.Module):
