@@ -37,6 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import prompts, summarize  # noqa: E402
 
+from recursa import kernels  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -181,7 +183,8 @@ def main() -> None:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(json.dumps({"benchmark": "depthwise", "git": rev, "model": args.model, "requests": args.requests, "dtype": str(dtype),
                       "new_tokens": args.new_tokens, "threads": args.threads, "exit_threshold": args.exit_threshold,
-                      "torch": torch.__version__, "runs": rows}))
+                      "torch": torch.__version__,
+                      "cpu_kernels": kernels.unavailable_reason() or "on", "runs": rows}))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ import time
 
 import torch
 
+from recursa import kernels
+
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when",
     "Photosynthesis is the process by which plants",
@@ -266,7 +268,8 @@ def main() -> None:
                 print(f"  done {strategy} / {name} / {conc} at once in {secs:.1f}s", flush=True)
 
     print(f"\nmodel {args.model}: {L} layers, exits {list(spec.depths)} (own_norm={spec.own_norm}), "
-          f"{len(base)} prompts x {args.max_new} new tokens, greedy, measure {args.measure}, threads {args.threads}")
+          f"{len(base)} prompts x {args.max_new} new tokens, greedy, measure {args.measure}, threads {args.threads}, "
+          f"CPU kernels: {kernels.unavailable_reason() or 'on'}")
     hdr = (f"{'conc':>4}  {'strategy':<12}{'policy':<20}{'tok/s':>7}{'full':>7}{'x full':>8}{'depth':>7}{'lay/tok':>8}"
            f"{'kv/tok':>7}{'head/tok':>9}{'agree':>7}{'tok agr':>8}{'ppl':>8}")
     print(hdr)
@@ -286,7 +289,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"benchmark": "early_exit", "config": vars(args), "model": args.model, "n_layers": L,
               "exit_depths": list(spec.depths), "own_norm": spec.own_norm, "rows": rows, "commit": commit,
-              "torch": torch.__version__, "machine": platform.machine()}
+              "torch": torch.__version__, "machine": platform.machine(),
+              "cpu_kernels": kernels.unavailable_reason() or "on"}
     line = json.dumps(result, default=str)
     if args.json_out:
         with open(args.json_out, "w") as f:

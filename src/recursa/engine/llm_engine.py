@@ -28,6 +28,7 @@ from functools import partial
 
 import torch
 
+from recursa import kernels
 from recursa.engine.config import EngineConfig
 from recursa.engine.depth_router import EarlyExit, Router
 from recursa.engine.exit_policy import ExitPolicy
@@ -239,5 +240,7 @@ class LLMEngine:
             "kv_free_blocks": self.kv.num_free_blocks,
             "kv_usage": self.kv.usage,
             "threads": torch.get_num_threads(),
+            # recursa's C kernels (fused decode spans, AMX/GEMV matmuls): "on", or why the eager path runs instead
+            "cpu_kernels": kernels.unavailable_reason() or "on",
             **self.router.stats(),
         }
