@@ -184,7 +184,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "depthwise", "git": rev, "model": args.model, "requests": args.requests, "dtype": str(dtype),
                       "new_tokens": args.new_tokens, "threads": args.threads, "exit_threshold": args.exit_threshold,
                       "torch": torch.__version__,
-                      "cpu_kernels": kernels.unavailable_reason() or "on", "runs": rows}))
+                      "cpu_kernels": kernels.status(), "runs": rows}))
 
 
 if __name__ == "__main__":

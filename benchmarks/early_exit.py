@@ -269,7 +269,7 @@ def main() -> None:
 
     print(f"\nmodel {args.model}: {L} layers, exits {list(spec.depths)} (own_norm={spec.own_norm}), "
           f"{len(base)} prompts x {args.max_new} new tokens, greedy, measure {args.measure}, threads {args.threads}, "
-          f"CPU kernels: {kernels.unavailable_reason() or 'on'}")
+          f"CPU kernels: {kernels.status()}")
     hdr = (f"{'conc':>4}  {'strategy':<12}{'policy':<20}{'tok/s':>7}{'full':>7}{'x full':>8}{'depth':>7}{'lay/tok':>8}"
            f"{'kv/tok':>7}{'head/tok':>9}{'agree':>7}{'tok agr':>8}{'ppl':>8}")
     print(hdr)
@@ -290,7 +290,7 @@ def main() -> None:
     result = {"benchmark": "early_exit", "config": vars(args), "model": args.model, "n_layers": L,
               "exit_depths": list(spec.depths), "own_norm": spec.own_norm, "rows": rows, "commit": commit,
               "torch": torch.__version__, "machine": platform.machine(),
-              "cpu_kernels": kernels.unavailable_reason() or "on"}
+              "cpu_kernels": kernels.status()}
     line = json.dumps(result, default=str)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -241,6 +241,6 @@ class LLMEngine:
             "kv_usage": self.kv.usage,
             "threads": torch.get_num_threads(),
             # recursa's C kernels (fused decode spans, AMX/GEMV matmuls): "on", or why the eager path runs instead
-            "cpu_kernels": kernels.unavailable_reason() or "on",
+            "cpu_kernels": kernels.status(),
             **self.router.stats(),
         }

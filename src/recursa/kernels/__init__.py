@@ -45,7 +45,7 @@ at 32 tokens on this CPU).
 Each source (kernels/*.c) compiles once per source-and-flags hash into ~/.cache/recursa/kernels
 (override: RECURSA_KERNEL_CACHE) with `cc -O3 -mavx512f -mavx512bf16 ... -fopenmp` (kernels/build.py),
 written to a temporary file and renamed; the shared library joins the OpenMP runtime torch already loaded (one thread pool).
-`available()` is False, with the reason in `unavailable_reason()`, where the CPU lacks AVX512-BF16,
+`available()` is False, with the reason in `unavailable_reason()` (`status()`: that or "on"), where the CPU lacks AVX512-BF16,
 no compiler is found, or a build fails: callers then keep the PyTorch path (F.linear, SDPA).
 RECURSA_KERNELS=0 turns the kernels off. Inside torch.compile the kernels are the opaque custom
 ops `recursa::linear_bf16`, `recursa::linear_f32`, `recursa::linear_amx`, `recursa::linear_amx_int` and
@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 
 from recursa.kernels import build
-from recursa.kernels.build import amx_available, available, unavailable_reason
+from recursa.kernels.build import amx_available, available, status, unavailable_reason
 from recursa.kernels.matmul import (AMX_MAX_ROWS, MAX_ROWS, linear_amx, linear_amx_int, linear_bf16, linear_f32,
                                     linear_int4, pack_amx, pack_amx_int4, pack_amx_int8, pack_f32, supports,
                                     supports_f32)
@@ -126,4 +126,4 @@ __all__ = ["AMX_MAX_ROWS", "MAX_ROWS", "amx_available", "available", "build", "k
            "linear_f32_op", "linear_int4", "linear_int4_op", "pack_amx", "pack_amx_int4", "pack_amx_int8", "pack_f32", "paged_decode_attention",
            "paged_decode_attention_op", "rms_norm", "rope_qk", "row_max", "silu_mul", "supports",
            "supports_attention", "supports_elementwise",
-           "supports_f32", "supports_rope", "unavailable_reason"]
+           "supports_f32", "supports_rope", "status", "unavailable_reason"]

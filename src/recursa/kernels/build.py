@@ -103,6 +103,11 @@ def unavailable_reason() -> str | None:
     return _state["reason"]
 
 
+def status() -> str:
+    """"on", or why the kernels are off (what engines and benchmarks report)."""
+    return unavailable_reason() or "on"
+
+
 def amx_available() -> bool:
     """Whether linear_amx runs here: the other kernels, AMX-BF16 in the CPU, the compiler's AMX
     support and the kernel's permission to use the tile state (asked of Linux once per process)."""

@@ -20,9 +20,10 @@ The int4 CPU kernel's weight layout (torch 2.13, read back in tests/model/test_q
 `_convert_weight_to_int4pack_for_cpu(q int32 [N, K], 1)` -> uint8 [N, K/2] holding blocks of
 64 output rows; in block b, byte (k, j) has row 64b+j in its low nibble and row 64b+j+32 in its
 high one. That is torch's layout on an AVX-512 CPU; on one without AVX-512 (AVX2) its blocks hold
-32 rows instead, so `unpack_int4` reads the block size off torch once (`int4_layout_block`). The matching scales_and_zeros is [K/group, N, 2] with (scale, zero) where the kernel
-computes w = (q - 8) * scale + zero, i.e. zero = minimum + 8 * scale. N is padded to a multiple
-of 64 so that layout holds for every row (the padded rows' outputs are cut off).
+32 rows instead, so `unpack_int4` reads the block size off torch once (`int4_layout_block`). The
+matching scales_and_zeros is [K/group, N, 2] with (scale, zero) where the kernel computes
+w = (q - 8) * scale + zero, i.e. zero = minimum + 8 * scale. N is padded to a multiple of 64 so
+that either layout holds for every row (the padded rows' outputs are cut off).
 """
 from __future__ import annotations
 
