@@ -123,6 +123,7 @@ def test_recursive_spans_mixing_loops_fuse_with_the_eager_bits(threshold):
         "the test needs requests at different loops in one fused span of a whole loop"
 
 
+@pytest.mark.skipif(not kernels.has("linear_bf16"), reason="the bf16 GEMV is in AVX-512 builds only")
 def test_bf16_gemv_spans_fuse_with_the_eager_bits():
     """bf16 without the AMX copies (a CPU without AMX): up to 4 rows take the AVX512-BF16 GEMV, fused
     and eager alike; more rows go to oneDNN, which only the eager layers call."""

@@ -49,7 +49,8 @@ def _projection(proj, rows: int, dtype: torch.dtype) -> list[int] | None:
         if dtype == torch.bfloat16 and rows <= kernels.MAX_ROWS and kernels.supports(proj.weight):
             return [_BF16, proj.weight.data_ptr(), 0, proj.out_features, 0]
         return None
-    if dtype == torch.bfloat16 and isinstance(proj, Int4Linear) and rows <= kernels.MAX_ROWS:
+    if (dtype == torch.bfloat16 and isinstance(proj, Int4Linear) and rows <= kernels.MAX_ROWS
+            and build.has("linear_int4")):
         return [_INT4, proj.weight.data_ptr(), proj.scales_and_zeros.data_ptr(), proj.out_features, proj.group_size]
     if dtype == torch.bfloat16 and isinstance(proj, (Int8Linear, Int4Linear)) and proj.amx_q is not None:
         return [_AMX_INT, proj.amx_q.data_ptr(), proj.amx_sm.data_ptr(), proj.out_features,

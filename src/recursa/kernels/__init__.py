@@ -6,7 +6,7 @@ F.linear (oneDNN) runs batch-1 GEMV on this kind of CPU at about half the memory
 even fp32 (benchmarks/RESULTS.md), and at batch 1 the weight read is the whole cost of a layer.
 
 `linear_f32(x, wp, n)`: the fp32 matmul from 2 rows up over a weight packed once by `pack_f32`
-(panels of 32 output columns, k-major): 12 x 32 register blocks of AVX-512 FMAs, with the next
+(panels of 32 output columns, k-major): 12 x 32 register blocks of AVX-512 FMAs (3 x 32 on AVX2), with the next
 panel prefetched into L2 while the current one computes. Over SmolLM2's matrices, 2 threads, it
 runs 29 ms a step at 8 rows and 42 at 32, against 56 and 66 for F.linear and 40 and 52 for MKL's
 packed GEMM (benchmarks/cpu_kernels.py); it is level with MKL's at 128-256 rows, so it replaces
@@ -43,9 +43,16 @@ its results have the eager layer's bits without its Python (about a third of a b
 at 32 tokens on this CPU).
 
 Each source (kernels/*.c) compiles once per source-and-flags hash into ~/.cache/recursa/kernels
-(override: RECURSA_KERNEL_CACHE) with `cc -O3 -mavx512f -mavx512bf16 ... -fopenmp` (kernels/build.py),
+(override: RECURSA_KERNEL_CACHE) with `cc -O3 -mavx512f -mavx512bf16 ... -fopenmp` where the CPU
+has AVX512-BF16, or `cc -O3 -mavx2 -mfma ...` where it has only AVX2 (`isa()`; kernels/build.py),
 written to a temporary file and renamed; the shared library joins the OpenMP runtime torch already loaded (one thread pool).
-`available()` is False, with the reason in `unavailable_reason()` (`status()`: that or "on"), where the CPU lacks AVX512-BF16,
+The AVX2 build holds the kernels written against simd.h (16 fp32 lanes as two registers):
+linear_f32, the elementwise passes, paged attention, row_max and decode_span, so fp32 models get
+the fused decode path there too (3.3x the eager engine on `small` at batch 1, 2 threads,
+benchmarks/RESULTS.md); bf16 tensors pass through them widened and rounded in software, and the
+bf16 / int4 / AMX matmuls stay AVX-512 only (`has(name)` says which functions a build has).
+RECURSA_KERNEL_ISA=avx2 takes the AVX2 build on an AVX-512 CPU (tests/model/test_kernel_isa.py).
+`available()` is False, with the reason in `unavailable_reason()` (`status()`: that, "on", or "on (AVX2: ...)"), where the CPU lacks both,
 no compiler is found, or a build fails: callers then keep the PyTorch path (F.linear, SDPA).
 RECURSA_KERNELS=0 turns the kernels off. Inside torch.compile the kernels are the opaque custom
 ops `recursa::linear_bf16`, `recursa::linear_f32`, `recursa::linear_amx`, `recursa::linear_amx_int` and
@@ -57,7 +64,7 @@ from __future__ import annotations
 import torch
 
 from recursa.kernels import build
-from recursa.kernels.build import amx_available, available, status, unavailable_reason
+from recursa.kernels.build import amx_available, available, has, isa, status, unavailable_reason
 from recursa.kernels.matmul import (AMX_MAX_ROWS, MAX_ROWS, linear_amx, linear_amx_int, linear_bf16, linear_f32,
                                     linear_int4, pack_amx, pack_amx_int4, pack_amx_int8, pack_f32, supports,
                                     supports_f32)

@@ -29,8 +29,13 @@ _SIGNATURES = {   # C source -> {function (without its recursa_ prefix): (argume
     "linear_amx": {"linear_amx": ([_P] * 3 + [_I64] * 3 + [_I], None),
                    "linear_amx_int": ([_P] * 4 + [_I64] * 3 + [_I, _I], None), "amx_init": ([], _I)},
 }
-_FLAGS = {"linear_amx": ["-mamx-tile", "-mamx-bf16"]}   # beyond the common ones
-_BASE = ("linear_bf16", "linear_f32", "linear_int4", "paged_attention", "norm_act", "row_max", "decode_span")             # built by _load; linear_amx on demand
+_FLAGS = {"linear_amx": ["-mamx-tile", "-mamx-bf16"]}   # beyond the ISA's
+# what each instruction set builds (linear_amx on demand): AVX-512 with BF16 everything; AVX2 + FMA
+# the kernels written against simd.h (fp32 matmul, norms, rope, attention, greedy maxima, decode
+# spans; bf16 tensors through them widened and rounded in software), not the bf16 / int4 matmuls
+_ISA = {"avx512": (["-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl"],
+                   ("linear_bf16", "linear_f32", "linear_int4", "paged_attention", "norm_act", "row_max", "decode_span")),
+        "avx2": (["-mavx2", "-mfma", "-mf16c"], ("linear_f32", "paged_attention", "norm_act", "row_max", "decode_span"))}
 _state: dict = {}   # the loaded functions by name, and what _load / amx_available found
 
 
@@ -43,16 +48,22 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
-def _cpu_has_avx512_bf16() -> bool:
-    return "avx512_bf16" in _cpu_flags()
+def isa() -> str | None:
+    """The instruction set the kernels build for here: "avx512" (AVX512-BF16), "avx2" (AVX2 + FMA)
+    or None; RECURSA_KERNEL_ISA=avx2 picks the AVX2 build on an AVX-512 CPU (to test it there)."""
+    flags = _cpu_flags()
+    have = "avx512" if "avx512_bf16" in flags else "avx2" if {"avx2", "fma"} <= flags else None
+    asked = os.environ.get("RECURSA_KERNEL_ISA")
+    return "avx2" if asked == "avx2" and have is not None else have
 
 
 def _build(name: str):
     """Compile kernels/<name>.c (once per source hash) and put its functions into _state."""
     source_path = _HERE / f"{name}.c"
-    flags = ["-O3", "-mavx512f", "-mavx512bf16", "-mavx512bw", "-mavx512vl", "-ffp-contract=off",
-             *_FLAGS.get(name, []), "-fopenmp", "-shared", "-fPIC"]
-    digest = hashlib.sha256(source_path.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    flags = ["-O3", *_ISA[_state["isa"]][0], "-ffp-contract=off", *_FLAGS.get(name, []), "-fopenmp", "-shared",
+             "-fPIC", f"-I{_HERE}"]
+    header = (_HERE / "simd.h").read_bytes()
+    digest = hashlib.sha256(source_path.read_bytes() + header + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("RECURSA_KERNEL_CACHE", Path.home() / ".cache" / "recursa" / "kernels"))
     target = cache / digest / f"{name}.so"
     if not target.is_file():
@@ -80,14 +91,14 @@ def _build(name: str):
 
 def _load():
     if "reason" not in _state:
-        _state["reason"] = None
+        _state["reason"], _state["isa"] = None, isa()
         if os.environ.get("RECURSA_KERNELS", "1") == "0":
             _state["reason"] = "turned off by RECURSA_KERNELS=0"
-        elif not _cpu_has_avx512_bf16():
-            _state["reason"] = "the CPU has no AVX512-BF16"
+        elif _state["isa"] is None:
+            _state["reason"] = "the CPU has neither AVX512-BF16 nor AVX2 with FMA"
         else:
             try:
-                for name in _BASE:
+                for name in _ISA[_state["isa"]][1]:
                     _build(name)
             except OSError as e:
                 _state["reason"] = str(e)
@@ -103,16 +114,24 @@ def unavailable_reason() -> str | None:
     return _state["reason"]
 
 
+def has(function: str) -> bool:
+    """Whether this build has `function` (e.g. "linear_bf16": AVX-512 builds only)."""
+    return _load() and function in _state
+
+
 def status() -> str:
-    """"on", or why the kernels are off (what engines and benchmarks report)."""
-    return unavailable_reason() or "on"
+    """"on" (AVX-512 build), "on (AVX2: ...)", or why the kernels are off (what engines and
+    benchmarks report)."""
+    if not _load():
+        return _state["reason"]
+    return "on" if _state["isa"] == "avx512" else "on (AVX2: fp32 kernels and decode spans; bf16 matmuls through oneDNN)"
 
 
 def amx_available() -> bool:
     """Whether linear_amx runs here: the other kernels, AMX-BF16 in the CPU, the compiler's AMX
     support and the kernel's permission to use the tile state (asked of Linux once per process)."""
     if "amx" not in _state:
-        ok = _load() and os.environ.get("RECURSA_AMX", "1") != "0" and {"amx_bf16", "amx_tile"} <= _cpu_flags()
+        ok = (_load() and _state["isa"] == "avx512" and os.environ.get("RECURSA_AMX", "1") != "0" and {"amx_bf16", "amx_tile"} <= _cpu_flags())
         if ok:
             try:
                 _build("linear_amx")

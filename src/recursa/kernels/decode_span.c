@@ -1,7 +1,8 @@
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "simd.h"
 
 /* A span of Llama layers for decode tokens (or short chunks), in one call: the same kernels the
    eager layer calls (rms_norm, the q/k/v matmul, rope_qk, kv_write, paged decode attention, the
@@ -58,11 +59,7 @@ static void add_into(void *x, const void *y, int64_t n, int bf16) {
     if (bf16) {
         uint16_t *a = x;
         const uint16_t *b = y;
-        for (int64_t i = 0; i < n; i += 16) {
-            const __m512 s = _mm512_add_ps(_mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(a + i))),
-                                           _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(b + i))));
-            _mm256_storeu_si256((__m256i *)(a + i), (__m256i)_mm512_cvtneps_pbh(s));
-        }
+        for (int64_t i = 0; i < n; i += 16) v_store_bf16(a + i, v_add(v_load_bf16(a + i), v_load_bf16(b + i)));
     } else {
         float *a = x;
         const float *b = y;

@@ -1,8 +1,9 @@
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
-/* y[m, n] = sum_k x[m, k] w[n, k] in fp32 with AVX-512 FMAs, over a weight packed once
+#include "simd.h"
+
+/* y[m, n] = sum_k x[m, k] w[n, k] in fp32 with FMAs (AVX-512, or AVX2 through simd.h), over a weight packed once
    (recursa.kernels.pack_f32): per panel of 32 output columns (N padded to a multiple of 32 with
    zeros), K rows of 32 floats, element [p][k][j] = w[32 p + j][k]. x [M, K], y [M, N] row-major.
 
@@ -15,7 +16,13 @@
    multiply-add chain in k order, whatever M and the row blocking are: a row's result does not
    depend on the batch it is in. */
 
+#ifndef MR
+#if defined(__AVX512F__)
 #define MR 12    /* rows per register block: 2 x 12 accumulators + 2 weight vectors + a broadcast */
+#else
+#define MR 3     /* AVX2 has 16 registers: 2 x 2 x 3 accumulator halves + the weight's 4 + a broadcast */
+#endif
+#endif
 #define NV 2     /* vectors of 16 columns per panel (8x3 and 6x4 blocks measured slower) */
 #define PW (16 * NV)
 #define KC 256   /* k per chunk: 12 rows x 256 floats of x and 256 x 32 of the panel stay in L1 */
@@ -24,26 +31,26 @@
 static inline __attribute__((always_inline)) void
 row_block(const float *x, int64_t ldx, const float *wp, int64_t k0, int64_t k1, float *c, int mr, int first,
           int fetch, const char *next, int64_t step) {
-    __m512 acc[MR][NV];
+    v16 acc[MR][NV];
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v)
-            if (i < mr) acc[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(c + PW * i + 16 * v);
+            if (i < mr) acc[i][v] = first ? v_zero() : v_load(c + PW * i + 16 * v);
     for (int64_t k = k0; k < k1; ++k) {
-        __m512 w[NV];
-        for (int v = 0; v < NV; ++v) w[v] = _mm512_load_ps(wp + PW * k + 16 * v);
+        v16 w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = v_load(wp + PW * k + 16 * v);
         if (fetch)   /* the first row block reads the chunk from L2 or memory; the others find it in L1 */
             for (int v = 0; v < NV; ++v) _mm_prefetch((const char *)(wp + PW * k + PREFETCH_AHEAD + 16 * v), _MM_HINT_T0);
         _mm_prefetch(next + (k - k0) * step, _MM_HINT_T1);
         for (int i = 0; i < MR; ++i) {
             if (i < mr) {
-                const __m512 b = _mm512_set1_ps(x[i * ldx + k]);
-                for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(b, w[v], acc[i][v]);
+                const v16 b = v_set1(x[i * ldx + k]);
+                for (int v = 0; v < NV; ++v) acc[i][v] = v_fmadd(b, w[v], acc[i][v]);
             }
         }
     }
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v)
-            if (i < mr) _mm512_store_ps(c + PW * i + 16 * v, acc[i][v]);
+            if (i < mr) v_store(c + PW * i + 16 * v, acc[i][v]);
 }
 
 /* one row_block per row count, so each has its accumulators in registers */
@@ -68,17 +75,17 @@ static void run_rows(const float *x, int64_t ldx, const float *wp, int64_t k0, i
    through the Python wrappers (benchmarks/cpu_kernels.py --formats fp32 --rows 1): level with
    MKL, and callable from decode_span.c, which MKL's GEMV is not */
 static void gemv_panel(const float *x, const float *wp, float *y, int64_t K, int64_t cols) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    v16 a0 = v_zero(), a1 = v_zero();
     for (int64_t k = 0; k < K; ++k) {
         _mm_prefetch((const char *)(wp + PW * k + 4096), _MM_HINT_T1);
         _mm_prefetch((const char *)(wp + PW * k + 4096 + 16), _MM_HINT_T1);
-        const __m512 b = _mm512_set1_ps(x[k]);
-        a0 = _mm512_fmadd_ps(b, _mm512_load_ps(wp + PW * k), a0);
-        a1 = _mm512_fmadd_ps(b, _mm512_load_ps(wp + PW * k + 16), a1);
+        const v16 b = v_set1(x[k]);
+        a0 = v_fmadd(b, v_load(wp + PW * k), a0);
+        a1 = v_fmadd(b, v_load(wp + PW * k + 16), a1);
     }
     float c[PW] __attribute__((aligned(64)));
-    _mm512_store_ps(c, a0);
-    _mm512_store_ps(c + 16, a1);
+    v_store(c, a0);
+    v_store(c + 16, a1);
     memcpy(y, c, (size_t)cols * sizeof(float));
 }
 

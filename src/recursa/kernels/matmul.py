@@ -69,7 +69,7 @@ def linear_amx_int(x: torch.Tensor, wq: torch.Tensor, sm: torch.Tensor, n: int, 
 def supports(w: torch.Tensor) -> bool:
     """Whether linear_bf16 can take weight w: [N, K] bf16 on the CPU, contiguous, K a multiple of 32."""
     return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous()
-            and w.shape[1] % 32 == 0 and available())
+            and w.shape[1] % 32 == 0 and build.has("linear_bf16"))
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

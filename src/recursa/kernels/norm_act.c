@@ -1,7 +1,8 @@
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "simd.h"
 
 /* The elementwise parts of a layer in one pass each, bf16 (bf16 1) rounded where PyTorch's bf16 ops
    round, or fp32 (bf16 0: equal to PyTorch's to rounding, another summation order and exp):
@@ -9,61 +10,48 @@
    silu_mul:  y = bf16(bf16(silu(g)) * u)            (gate g, up u: the two halves of gate_up)
    Rows run in parallel; every row is independent. */
 
-static inline __m512 load_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+static inline v16 load_any(const void *p, int64_t i, int bf16) {
+    return bf16 ? v_load_bf16((const uint16_t *)p + i) : v_loadu((const float *)p + i);
 }
 
-static inline __m512 round_bf16(__m512 v) {   /* to bf16 and back: the rounding a bf16 tensor applies */
-    return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v));
-}
+static inline v16 rounded(v16 v, int bf16) { return bf16 ? v_round_bf16(v) : v; }
 
-static inline __m512 load_any(const void *p, int64_t i, int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
-}
-
-static inline __m512 rounded(__m512 v, int bf16) { return bf16 ? round_bf16(v) : v; }
-
-static inline __m512 negated(__m512 v) {   /* -v, signed zeros included */
-    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000)));
-}
-
-static inline void store_any(void *p, int64_t i, __m512 v, int bf16) {
-    if (bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
-    else _mm512_storeu_ps((float *)p + i, v);
+static inline void store_any(void *p, int64_t i, v16 v, int bf16) {
+    if (bf16) v_store_bf16((uint16_t *)p + i, v);
+    else v_storeu((float *)p + i, v);
 }
 
 void recursa_rms_norm(const void *x, const void *w, void *y, int64_t rows, int64_t dim, float eps, int bf16,
                       int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; ++r) {
-        __m512 ss = _mm512_setzero_ps();
+        v16 ss = v_zero();
         for (int64_t i = 0; i < dim; i += 16) {
-            const __m512 v = load_any(x, r * dim + i, bf16);
-            ss = _mm512_fmadd_ps(v, v, ss);
+            const v16 v = load_any(x, r * dim + i, bf16);
+            ss = v_fmadd(v, v, ss);
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)dim + eps));
+        const v16 inv = v_set1(1.0f / sqrtf(v_reduce_add(ss) / (float)dim + eps));
         for (int64_t i = 0; i < dim; i += 16) {
-            __m512 v = rounded(_mm512_mul_ps(load_any(x, r * dim + i, bf16), inv), bf16);
-            if (w) v = _mm512_mul_ps(v, load_any(w, i, bf16));
+            v16 v = rounded(v_mul(load_any(x, r * dim + i, bf16), inv), bf16);
+            if (w) v = v_mul(v, load_any(w, i, bf16));
             store_any(y, r * dim + i, v, bf16);
         }
     }
 }
 
-static inline __m512 exp_ps(__m512 x) {   /* e^x to about 1 ulp: 2^n * (degree-6 Taylor of e^r), |r| <= ln2 / 2 */
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+static inline v16 exp_ps(v16 x) {   /* e^x to about 1 ulp: 2^n * (degree-6 Taylor of e^r), |r| <= ln2 / 2 */
+    x = v_min(v_max(x, v_set1(-87.0f)), v_set1(88.0f));
+    const v16 n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    v16 r = v_fnmadd(n, v_set1(0.693359375f), x);
+    r = v_fnmadd(n, v_set1(-2.12194440e-4f), r);
+    v16 p = v_set1(1.0f / 720);
+    p = v_fmadd(p, r, v_set1(1.0f / 120));
+    p = v_fmadd(p, r, v_set1(1.0f / 24));
+    p = v_fmadd(p, r, v_set1(1.0f / 6));
+    p = v_fmadd(p, r, v_set1(0.5f));
+    p = v_fmadd(p, r, v_set1(1.0f));
+    p = v_fmadd(p, r, v_set1(1.0f));
+    return v_scalef(p, n);
 }
 
 void recursa_silu_mul(const void *gate_up, void *y, int64_t rows, int64_t ffn, int bf16, int threads) {
@@ -71,10 +59,10 @@ void recursa_silu_mul(const void *gate_up, void *y, int64_t rows, int64_t ffn, i
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = 2 * r * ffn, u = g + ffn;
         for (int64_t i = 0; i < ffn; i += 16) {
-            const __m512 v = load_any(gate_up, g + i, bf16);
-            const __m512 silu = rounded(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f),
-                                                                       exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v)))), bf16);
-            store_any(y, r * ffn + i, _mm512_mul_ps(silu, load_any(gate_up, u + i, bf16)), bf16);
+            const v16 v = load_any(gate_up, g + i, bf16);
+            const v16 silu = rounded(v_div(v, v_add(v_set1(1.0f),
+                                                                       exp_ps(v_sub(v_zero(), v)))), bf16);
+            store_any(y, r * ffn + i, v_mul(silu, load_any(gate_up, u + i, bf16)), bf16);
         }
     }
 }
@@ -90,12 +78,12 @@ void recursa_rope_qk(const void *qkv, const void *cos, const void *sin, void *ou
     for (int64_t j = 0; j < n * heads; ++j) {
         const int64_t h = j / n, t = j % n, src = (t * heads_total + h) * hd, dst = (h * n + t) * hd;
         for (int64_t i = 0; i < half; i += 16) {
-            const __m512 x1 = load_any(qkv, src + i, bf16), x2 = load_any(qkv, src + half + i, bf16);
-            const __m512 c1 = load_any(cos, t * hd + i, bf16), c2 = load_any(cos, t * hd + half + i, bf16);
-            const __m512 s1 = load_any(sin, t * hd + i, bf16), s2 = load_any(sin, t * hd + half + i, bf16);
-            const __m512 lo = _mm512_add_ps(rounded(_mm512_mul_ps(x1, c1), bf16),
-                                            rounded(_mm512_mul_ps(negated(x2), s1), bf16));
-            const __m512 hi = _mm512_add_ps(rounded(_mm512_mul_ps(x2, c2), bf16), rounded(_mm512_mul_ps(x1, s2), bf16));
+            const v16 x1 = load_any(qkv, src + i, bf16), x2 = load_any(qkv, src + half + i, bf16);
+            const v16 c1 = load_any(cos, t * hd + i, bf16), c2 = load_any(cos, t * hd + half + i, bf16);
+            const v16 s1 = load_any(sin, t * hd + i, bf16), s2 = load_any(sin, t * hd + half + i, bf16);
+            const v16 lo = v_add(rounded(v_mul(x1, c1), bf16),
+                                            rounded(v_mul(v_negate(x2), s1), bf16));
+            const v16 hi = v_add(rounded(v_mul(x2, c2), bf16), rounded(v_mul(x1, s2), bf16));
             store_any(out, dst + i, lo, bf16);
             store_any(out, dst + half + i, hi, bf16);
         }

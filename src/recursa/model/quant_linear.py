@@ -177,7 +177,7 @@ class Int4Linear(nn.Module):
         x2 = _flat(x)
         if self.amx_q is not None and x2.shape[0] > kernels.MAX_ROWS:
             y = _as(_amx_int(x2, self.amx_q, self.amx_sm, self.out_features, 4), x.dtype)
-        elif x.device.type == "cpu" and x2.shape[0] <= kernels.MAX_ROWS and kernels.available():
+        elif x.device.type == "cpu" and x2.shape[0] <= kernels.MAX_ROWS and kernels.build.has("linear_int4"):
             gemv = kernels.linear_int4_op if torch.compiler.is_compiling() else kernels.linear_int4
             y = _as(gemv(_as(x2, KERNEL_DTYPE), self.weight, _as(self.scales_and_zeros, KERNEL_DTYPE), self.out_features,
                          self.group_size), x.dtype)
