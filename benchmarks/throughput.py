@@ -186,7 +186,9 @@ def main() -> None:
             to_hf(model, Path(tmp) / "hf")
             hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
         run_hf(hf, [ids[:2]], [[2, 2]], "warm-up")
-    run_recursa(model, [ids[:2]], [[2, 2]], "warm-up", **engine)
+    # recursa loads the directory itself: LLM(path) prepares the model for inference (fused
+    # projections, packed CPU matmuls); a Decoder passed in as it is keeps plain nn.Linear layers
+    run_recursa(args.model, [ids[:2]], [[2, 2]], "warm-up", **engine)
     for load_name, (batches, lengths) in loads.items():
         ctx = roofline.mean_context(batches, lengths)
         if hf is not None:
@@ -197,7 +199,7 @@ def main() -> None:
             tokens[("hf", load_name)] = out
             print(f"  {res['run']}: {res['output_tok_s']:.1f} tok/s", file=sys.stderr)
         for policy in ("depthwise", "synchronous"):
-            res, out = run_recursa(model, batches, lengths, f"recursa {policy}, {load_name}",
+            res, out = run_recursa(args.model, batches, lengths, f"recursa {policy}, {load_name}",
                                    policy=policy, **engine)
             if hf is not None:
                 ref = tokens[("hf", load_name)]
